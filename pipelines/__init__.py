@@ -1,0 +1,1 @@
+"""AI pipelines: pure StudyInput -> PipelineResult functions, one folder each."""

@@ -1,0 +1,52 @@
+"""A model-free pipeline that reports what it received: the node's own end-to-end probe.
+
+It lets IT staff (and tests) check the whole path receive -> route -> worker -> results -> PACS
+without a model, and it says plainly that it found nothing clinical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from pipelines.base import (
+    PRIVATE_SCHEME, UCUM_RATIO, Code, Measurement, Narrative, Pipeline, PipelineResult, StudyInput,
+)
+
+
+class EchoPipeline(Pipeline):
+    name = "echo"
+    version = "1.0.0"
+
+    def run(self, study: StudyInput) -> PipelineResult:
+        self.check(study)
+        series = self.select(study)
+        measurements = []
+        details: dict[str, object] = {"series": []}
+        for s in series:
+            n = len(s.frames)
+            entry: dict[str, object] = {"series_uid": s.series_uid, "modality": s.modality, "frames": n}
+            if s.pixels is not None:
+                px = np.ascontiguousarray(s.pixels)
+                entry.update(shape=list(px.shape), mean=float(px.mean()), min=float(px.min()),
+                             max=float(px.max()), sha256=hashlib.sha256(px.tobytes()).hexdigest())
+                if s.slice_positions is not None:
+                    entry["slice_positions"] = [float(z) for z in s.slice_positions]
+            details["series"].append(entry)  # type: ignore[union-attr]
+            measurements.append(Measurement(
+                code=Code("FRAMES", PRIVATE_SCHEME, "Number of frames received"), value=float(n),
+                unit=UCUM_RATIO, group=f"Series {s.tags.get('SeriesNumber', '')}".strip(), series_uid=s.series_uid))
+        total = sum(len(s.frames) for s in series)
+        return PipelineResult(
+            pipeline=self.name, pipeline_version=self.version, measurements=measurements,
+            narrative={
+                "en": Narrative(findings=f"Received {len(series)} series with {total} images. "
+                                "This is a connectivity check, not a clinical analysis.",
+                                impression="No clinical analysis performed."),
+                "zh": Narrative(findings=f"已接收 {len(series)} 个序列，共 {total} 幅图像。此为连通性检查，并非临床分析。",
+                                impression="未进行临床分析。"),
+            },
+            key_images=[series[0].frames[len(series[0].frames) // 2]] if series else [],
+            details=details,
+        )
