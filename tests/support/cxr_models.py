@@ -1,0 +1,89 @@
+"""Random-weight DenseNet-121 checkpoints saved exactly as each source project saves its own.
+
+torchxrayvision pickles the whole ``torchxrayvision.models.DenseNet``; reproduce-chexnet pickles a
+dict with the whole ``torchvision.models.densenet.DenseNet`` under ``'model'``. Neither package is
+installed here, so the classes are registered under those module names only while pickling; the
+importer must then read the files without them, as it will on a hospital's worker.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from pipelines.cxr import densenet as dn
+
+
+def _fake_modules(module_name: str) -> dict[type, type]:
+    """Subclasses of our layers that claim to live in ``module_name`` (for pickling only)."""
+    parts = module_name.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        sys.modules.setdefault(name, types.ModuleType(name))
+    mod = sys.modules[module_name]
+    mapping: dict[type, type] = {}
+    for base, cls_name in ((dn.DenseNet121, "DenseNet"), (dn._DenseLayer, "_DenseLayer"),
+                           (dn._DenseBlock, "_DenseBlock"), (dn._Transition, "_Transition")):
+        fake = type(cls_name, (base,), {"__module__": module_name, "__qualname__": cls_name})
+        setattr(mod, cls_name, fake)
+        mapping[base] = fake
+    return mapping
+
+
+def _drop_modules(root: str) -> None:
+    for name in [n for n in sys.modules if n == root or n.startswith(root + ".")]:
+        del sys.modules[name]
+
+
+def random_densenet(num_classes: int, in_channels: int, sigmoid_head: bool, value_range: tuple[float, float],
+                    seed: int = 0) -> dn.DenseNet121:
+    """Random weights with BatchNorm statistics taken from inputs in the model's range, so outputs are not saturated."""
+    torch.manual_seed(seed)
+    net = dn.DenseNet121(num_classes, in_channels=in_channels, sigmoid_head=sigmoid_head)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batch
+    lo, hi = value_range
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(4, in_channels, 224, 224, generator=g) * (hi - lo) + lo
+    net.train()
+    with torch.no_grad():
+        net(x)
+        net.linear.weight.mul_(4.0)  # spread the logits so some labels land high and some low
+    return net.eval()
+
+
+def save_xrv_checkpoint(net: dn.DenseNet121, path: Path) -> Path:
+    mapping = _fake_modules("torchxrayvision.models")
+    try:
+        originals = {}
+        for m in net.modules():
+            if type(m) in mapping:
+                originals[m] = type(m)
+                m.__class__ = mapping[type(m)]
+        torch.save(net, str(path))
+    finally:
+        for m, cls in originals.items():
+            m.__class__ = cls
+        _drop_modules("torchxrayvision")
+    return path
+
+
+def save_chexnet_checkpoint(net: dn.DenseNet121, path: Path) -> Path:
+    mapping = _fake_modules("torchvision.models.densenet")
+    try:
+        originals = {}
+        for m in net.modules():
+            if type(m) in mapping:
+                originals[m] = type(m)
+                m.__class__ = mapping[type(m)]
+        state = {"model": net, "best_loss": 0.1234, "epoch": 7, "rng_state": torch.get_rng_state(), "LR": 0.001}
+        torch.save(state, str(path))
+    finally:
+        for m, cls in originals.items():
+            m.__class__ = cls
+        _drop_modules("torchvision")
+    return path
