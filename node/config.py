@@ -72,8 +72,8 @@ class BrokerConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"broker url {v!r} must start with redis://, rediss:// or unix://, "
+        if v is not None and not v.startswith(("redis://", "rediss://", "redis+socket://")):
+            raise ValueError(f"broker url {v!r} must start with redis://, rediss:// or redis+socket://, "
                              "or be null for the embedded Redis")
         return v
 

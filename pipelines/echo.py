@@ -11,7 +11,14 @@ import hashlib
 import numpy as np
 
 from pipelines.base import (
-    PRIVATE_SCHEME, UCUM_RATIO, Code, Measurement, Narrative, Pipeline, PipelineResult, StudyInput,
+    PRIVATE_SCHEME,
+    UCUM_RATIO,
+    Code,
+    Measurement,
+    Narrative,
+    Pipeline,
+    PipelineResult,
+    StudyInput,
 )
 
 

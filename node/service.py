@@ -1,0 +1,170 @@
+"""The listener process: SCP, state database, study assembly, job bookkeeping, delivery.
+
+It is the only process that opens the state database. One scheduler thread does the periodic
+work (completion rules, worker reports, retention); the SCP threads only store and index.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from node.assembly import completion_reason
+from node.config import Config
+from node.jobs import JobManager
+from node.routing import keywords_used
+from node.scp import SERIES_KEYWORDS, InstanceEvent, StorageSCP, _expected_count, _series_tags
+from node.spool import Spool
+from node.state import State
+from node.tasks import make_app
+
+log = logging.getLogger(__name__)
+
+
+class Listener:
+    def __init__(self, cfg: Config, broker_url: str, tick: float = 0.1):
+        self.cfg = cfg
+        self.storage = Path(cfg.node.storage_dir).resolve()
+        self.state = State(self.storage)
+        self.spool = Spool(self.storage, cfg.node.min_free_disk_mb)
+        self.app = make_app(broker_url, task_time_limit=cfg.workers.task_time_limit_s,
+                            max_retries=cfg.workers.max_retries)
+        self.delivery: Any = None
+        self.notifier: Any = None
+        self.jobs = JobManager(cfg, self.state, self.app, on_job_finished=self._job_finished)
+        self.scp = StorageSCP(cfg, self.state, self.spool, on_instance=self._on_instance,
+                              on_association_end=self._on_association_end,
+                              route_keywords=keywords_used(cfg.routes) - {"calling_ae", "called_ae"})
+        self.tick = tick
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_housekeeping = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.recover()
+        self._start_delivery()
+        self.scp.start()
+        self._thread = threading.Thread(target=self._loop, name="ainode-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(10)
+        if self.delivery is not None:
+            self.delivery.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
+        self.state.close()
+
+    def _start_delivery(self) -> None:
+        if not self.cfg.destinations:
+            return
+        try:
+            from node.delivery import DeliveryService
+        except ImportError:
+            log.warning("node.delivery not available: results stay in the outbox")
+            return
+        self.delivery = DeliveryService(self.state, self.cfg.destinations, self.storage, self.cfg.node.ae_title)
+        self.delivery.start()
+
+    def recover(self) -> None:
+        """Make the state database agree with the spool after any kind of stop."""
+        removed = self.spool.remove_temp_files()
+        closed = self.state.close_open_associations()
+        indexed = self.reconcile_spool()
+        if removed or closed or indexed:
+            log.info("recovery: %d partial file(s) removed, %d association(s) closed, %d instance(s) re-indexed",
+                     removed, closed, indexed)
+        try:
+            self.jobs.recover()
+        except Exception as exc:
+            log.error("could not re-queue jobs (broker unreachable?): %s", exc)
+
+    def reconcile_spool(self) -> int:
+        known = {r["path"] for r in self.state.query("SELECT path FROM instances")}
+        n = 0
+        for path in self.spool.iter_instances():
+            if str(path) in known:
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                self.state.record_instance(
+                    study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                    sop_uid=str(ds.SOPInstanceUID), path=str(path), size=path.stat().st_size,
+                    calling_ae="", assoc_id="recovered", modality=str(ds.get("Modality", "")),
+                    sop_class_uid=str(ds.SOPClassUID), expected=_expected_count(ds),
+                    series_tags=_series_tags(ds, set(SERIES_KEYWORDS)))
+                n += 1
+            except Exception as exc:
+                log.warning("spool file %s cannot be indexed: %s", path.name, exc)
+        return n
+
+    # ------------------------------------------------------------------ events from the SCP
+    def _on_instance(self, ev: InstanceEvent) -> None:
+        if ev.new_series:
+            routes = self.jobs.routes_for(ev.study_uid)
+            self.state.execute("UPDATE studies SET route=? WHERE study_uid=?",
+                               (",".join(r.name for r in routes) or None, ev.study_uid))
+
+    def _on_association_end(self, studies: list[str]) -> None:
+        if studies:
+            self._wake.set()
+
+    def _job_finished(self, job: dict[str, Any], summary: dict[str, Any]) -> None:
+        files = summary.get("outbox_files") or []
+        route = next((r for r in self.cfg.routes if r.name == job["route"]), None)
+        if files and route and route.destinations and self.delivery is not None:
+            self.delivery.enqueue(job["study_uid"], job["job_id"], [Path(f) for f in files], route.destinations,
+                                  "stat" if summary.get("critical") else job["priority"])
+        if summary.get("critical") and self.notifier is not None:
+            self.notifier.notify_job(job, summary)
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.tick)
+            self._wake.clear()
+            try:
+                self.check_completion()
+                self.jobs.poll()
+                if time.time() - self._last_housekeeping > 30:
+                    self._last_housekeeping = time.time()
+                    self.jobs.publish_pending()
+                    self.housekeeping()
+            except Exception:
+                log.exception("scheduler error")
+
+    def check_completion(self) -> list[str]:
+        now = time.time()
+        done = []
+        for study in self.state.query("SELECT * FROM studies WHERE state='receiving'"):
+            series = self.state.study_series(study["study_uid"])
+            reason = completion_reason(study, series, self.state.open_associations(study["study_uid"]),
+                                       self.jobs.rule_for(study), now)
+            if reason:
+                self.jobs.complete(study["study_uid"], reason)
+                done.append(study["study_uid"])
+        return done
+
+    def housekeeping(self) -> None:
+        """Unrouted studies are not kept forever: they were never meant for this node."""
+        cutoff = time.time() - self.cfg.node.no_route_retention_hours * 3600
+        for row in self.state.query("SELECT study_uid FROM studies WHERE state='no_route' AND completed < ?",
+                                    (cutoff,)):
+            self.spool.remove_study(row["study_uid"])
+            with self.state.tx() as c:
+                c.execute("DELETE FROM instances WHERE study_uid=?", (row["study_uid"],))
+                c.execute("DELETE FROM series WHERE study_uid=?", (row["study_uid"],))
+                c.execute("UPDATE studies SET state='purged', n_instances=0 WHERE study_uid=?", (row["study_uid"],))
+            log.info("study %s purged: no route, retention %.1f h passed", row["study_uid"],
+                     self.cfg.node.no_route_retention_hours)

@@ -1,0 +1,178 @@
+"""Celery side: the app both listener and workers build, and the one task, ``run_pipeline``.
+
+Workers never open the state database. A task gets everything in its arguments (instance paths,
+options, where to write), writes the ``PipelineResult`` and the validated result objects under
+``storage_dir``, and returns a small JSON summary that the listener reads through the result backend.
+The task is idempotent per job: a re-delivered message finds the saved summary and returns it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "ainode.run_pipeline"
+PRIORITY = {"stat": 0, "routine": 6}  # kombu's Redis transport serves lower numbers first
+QUEUES = ("cpu", "gpu")
+
+
+@dataclass
+class JobSpec:
+    job_id: str
+    study_uid: str
+    pipeline: str
+    paths: list[str]
+    result_dir: str
+    outbox_dir: str
+    options: dict[str, Any] = field(default_factory=dict)
+    language: str = "en"
+    encode: bool = True
+    sr_class: str = "comprehensive"
+    predecessors: list[dict[str, str]] = field(default_factory=list)
+
+
+def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 3,
+             visibility_timeout: int | None = None) -> Celery:
+    app = Celery("ainode", broker=broker_url, backend=broker_url)
+    vt = visibility_timeout or int(os.environ.get("AINODE_VISIBILITY_TIMEOUT", task_time_limit + 60))
+    app.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        task_track_started=True, task_time_limit=task_time_limit, task_soft_time_limit=max(5, task_time_limit - 15),
+        result_expires=7 * 24 * 3600, result_extended=False,
+        task_default_queue="cpu", task_queues=[Queue(q) for q in QUEUES],
+        task_default_priority=PRIORITY["routine"],
+        broker_transport_options={"priority_steps": list(range(10)), "sep": ":",
+                                  "queue_order_strategy": "priority", "visibility_timeout": vt},
+        result_backend_transport_options={"visibility_timeout": vt},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False, worker_redirect_stdouts=False,
+        worker_send_task_events=False, task_send_sent_event=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.conf.ainode_max_retries = max_retries
+
+    @app.task(name=TASK_NAME, bind=True, max_retries=max_retries)
+    def run_pipeline(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
+        job = JobSpec(**spec)
+        attempt = self.request.retries + 1
+        try:
+            return execute_job(job, attempt)
+        except Exception as exc:
+            log.exception("job %s failed (attempt %d)", job.job_id, attempt)
+            if self.request.retries < self.max_retries:
+                raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+            _write_json(Path(job.result_dir) / "failed.json",
+                        {"error": f"{type(exc).__name__}: {exc}", "attempts": attempt, "at": time.time()})
+            raise
+
+    return app
+
+
+def send_job(app: Celery, spec: JobSpec, queue: str, priority: str) -> str:
+    res = app.send_task(TASK_NAME, args=[asdict(spec)], task_id=spec.job_id, queue=queue,
+                        priority=PRIORITY.get(priority, PRIORITY["routine"]))
+    return str(res.id)
+
+
+# ---------------------------------------------------------------- worker side
+_PIPELINES: dict[tuple[str, str], Any] = {}
+
+
+def get_pipeline(name: str, options: dict[str, Any]) -> Any:
+    """Pipelines (and their models) load once per worker process and stay warm."""
+    from pipelines.registry import pipeline_class
+
+    key = (name, json.dumps(options, sort_keys=True, default=str))
+    if key not in _PIPELINES:
+        _PIPELINES[key] = pipeline_class(name)(options)
+    return _PIPELINES[key]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def execute_job(spec: JobSpec, attempt: int = 1) -> dict[str, Any]:
+    """Run one job once: an flock on the job's directory serialises duplicate deliveries of it
+    (the kernel drops the lock when a worker dies, so a killed worker never blocks the re-run)."""
+    out = Path(spec.result_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary_path = out / "summary.json"
+        if summary_path.exists():  # re-delivered after a crash, or a duplicate: the work is done
+            return json.loads(summary_path.read_text(encoding="utf-8"))
+        _write_json(out / "started.json", {"at": time.time(), "attempt": attempt, "pid": os.getpid()})
+        return _execute(spec, out, summary_path)
+
+
+def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
+    from pipelines.base import ModelUnavailable, PipelineResult, Refused
+
+    t0 = time.time()
+    pipeline = get_pipeline(spec.pipeline, spec.options)
+    try:
+        from node.loader import load_study
+
+        study = load_study(spec.paths, options=spec.options, language=spec.language,
+                           pixels=getattr(pipeline, "needs_pixels", True))
+        pipeline.check(study)
+        result = pipeline.run(study)
+    except Refused as exc:
+        result = PipelineResult(spec.pipeline, getattr(pipeline, "version", ""), status="refused", reason=str(exc))
+    except ModelUnavailable as exc:
+        result = PipelineResult(spec.pipeline, getattr(pipeline, "version", ""), status="model_unavailable",
+                                reason=str(exc))
+    t_run = time.time()
+    result.save(out)
+    files: list[str] = []
+    validation_error = ""
+    if result.status == "ok" and spec.encode:
+        files, validation_error = _encode(result, spec)
+    summary = {
+        "job_id": spec.job_id, "status": result.status if not validation_error else "invalid_output",
+        "reason": result.reason or validation_error, "critical": result.critical, "unverified": result.unverified,
+        "findings": [{"label": f.label, "present": f.present, "probability": f.probability, "critical": f.critical}
+                     for f in result.findings],
+        "n_measurements": len(result.measurements), "warnings": result.warnings,
+        "outbox_files": files, "started": t0, "finished": time.time(), "run_seconds": round(t_run - t0, 3),
+        "worker_pid": os.getpid(),
+    }
+    _write_json(summary_path, summary)
+    return summary
+
+
+def _encode(result: Any, spec: JobSpec) -> tuple[list[str], str]:
+    """Result objects go to the outbox only if every one of them validates."""
+    try:
+        from node.results import EncodeOptions, SOPRef, ValidationFailed, encode, write_validated
+    except ImportError:  # results writer not installed: keep the PipelineResult only
+        log.warning("node.results not available; job %s produced no DICOM objects", spec.job_id)
+        return [], ""
+    preds = [SOPRef(**p) for p in spec.predecessors]
+    opts = EncodeOptions(language=spec.language, sr_class=spec.sr_class, predecessors=preds)
+    try:
+        datasets = encode(result, [Path(p) for p in spec.paths], opts)
+        paths = write_validated(datasets, Path(spec.outbox_dir))
+    except ValidationFailed as exc:
+        log.error("job %s: result objects failed validation: %s", spec.job_id, exc)
+        return [], f"result objects failed validation: {exc}"
+    except Exception as exc:
+        log.error("job %s: encoding failed: %s", spec.job_id, traceback.format_exc())
+        return [], f"encoding failed: {exc}"
+    return [str(p) for p in paths], ""
