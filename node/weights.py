@@ -157,7 +157,8 @@ def module_tensors(obj: Any) -> dict[str, Any]:
     return out
 
 
-_OLD_DENSE_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSE_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def normalise_keys(state: dict[str, Any]) -> dict[str, Any]:
