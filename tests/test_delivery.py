@@ -1,0 +1,390 @@
+"""Delivery against real peers over real sockets: DCMTK storescp, Orthanc, Orthanc's DICOMweb plugin, and
+pynetdicom SCPs where a test needs a peer that misbehaves on cue (rejects, counts, accepts one syntax)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, evt
+
+from node.config import DestinationConfig
+from node.delivery import DEAD, FAILED, PENDING, SENT, BackoffPolicy, DeliveryService
+from node.state import State
+from tests.support.dcmtk import StoreSCP
+from tests.support.orthanc import Orthanc, free_port
+
+FAST = BackoffPolicy(base_s=0.3, max_s=1.0, jitter=0.3)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def make_results(storage_dir: Path, n: int, study_uid: str | None = None, job_id: str = "job1",
+                 transfer_syntax: str | None = None, sop_class: str | None = None) -> tuple[str, list[Path]]:
+    """Write ``n`` result-like objects (CT_small copies with fresh SOP/Series UIDs, one study) into the outbox."""
+    study_uid = study_uid or generate_uid()
+    base = dcmread(get_testdata_file("CT_small.dcm"))
+    series_uid = generate_uid()
+    out = storage_dir / "outbox" / job_id
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 901
+        ds.InstanceNumber = i + 1
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if sop_class:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        if transfer_syntax == RLELossless:
+            ds.compress(RLELossless)
+        elif transfer_syntax:
+            ds.file_meta.TransferSyntaxUID = transfer_syntax
+        p = out / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return study_uid, paths
+
+
+def sop_uids(paths: list[Path]) -> list[str]:
+    return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
+
+
+def dicom_dest(name: str, aet: str, port: int, **kw: object) -> DestinationConfig:
+    return DestinationConfig(name=name, kind="dicom", ae_title=aet, host="127.0.0.1", port=port, **kw)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def states(state: State, destination: str | None = None) -> dict[str, int]:
+    sql = "SELECT state, COUNT(*) AS n FROM deliveries"
+    params: tuple[str, ...] = ()
+    if destination:
+        sql += " WHERE destination=?"
+        params = (destination,)
+    return {r["state"]: r["n"] for r in state.query(sql + " GROUP BY state", params)}
+
+
+class TestSCP:
+    """A pynetdicom Storage SCP on a real socket, scripted per test: which syntaxes it accepts, what status it
+    answers, and a count of TCP connections (association attempts) it saw."""
+
+    __test__ = False
+
+    def __init__(self, aet: str = "TESTSCP", sop_classes: tuple[str, ...] = (CTImageStorage,),
+                 transfer_syntaxes: list[str] | None = None, require_called_aet: bool = False,
+                 status: Callable[[int], int] | None = None):
+        self.aet = aet
+        self.port = free_port()
+        self.connections = 0
+        self.received: list[tuple[str, str, object]] = []  # (sop uid, transfer syntax, dataset)
+        self._status = status or (lambda n: 0x0000)
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=aet)
+        self.ae.require_called_aet = require_called_aet
+        for sop in sop_classes:
+            self.ae.add_supported_context(sop, transfer_syntaxes or [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            code = self._status(len(self.received))
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append((str(ds.SOPInstanceUID), str(event.context.transfer_syntax), ds))
+            return code
+
+    def _on_open(self, event: evt.Event) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def __enter__(self) -> TestSCP:
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, self._on_open)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    d = tmp_path / "var"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def state(storage: Path) -> Iterator[State]:
+    s = State(storage)
+    yield s
+    s.close()
+
+
+def service(state: State, storage: Path, dests: list[DestinationConfig], **kw: object) -> DeliveryService:
+    kw.setdefault("backoff", FAST)
+    kw.setdefault("poll_interval_s", 0.2)
+    return DeliveryService(state, dests, storage, "AINODE", **kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- tests
+def test_delivers_to_dcmtk_storescp_once_and_is_idempotent(tmp_path: Path, storage: Path, state: State) -> None:
+    study, files = make_results(storage, 3)
+    with StoreSCP(tmp_path / "scp", aet="STORESCP") as scp:
+        svc = service(state, storage, [dicom_dest("scp", "STORESCP", scp.port)])
+        assert svc.enqueue(study, "job1", files, ["scp"]) == 3
+        assert svc.enqueue(study, "job1", files, ["scp"]) == 0, "same SOP UIDs must not be queued twice"
+        assert svc.all_pending() == {"scp": 3}
+        assert svc.run_once() == 3
+        assert svc.run_once() == 0
+        assert scp.sop_uids() == sop_uids(files), "each result exactly once"
+        # re-enqueueing after delivery must not re-send either
+        assert svc.enqueue(study, "job1", files, ["scp"]) == 0
+        assert svc.run_once() == 0
+        assert len(scp.files()) == 3
+    summary = svc.summary(study)
+    assert summary["scp"]["counts"][SENT] == 3 and summary["scp"]["delivered"] is True
+    assert summary["scp"]["last_error"] is None
+    assert summary["scp"]["first_sent"] <= summary["scp"]["last_sent"]
+    assert svc.all_pending() == {"scp": 0}
+
+
+def test_delivers_to_orthanc_in_the_right_study(tmp_path: Path, storage: Path, state: State) -> None:
+    study, files = make_results(storage, 4)
+    with Orthanc(tmp_path / "pacs", aet="PACS") as pacs:
+        svc = service(state, storage, [dicom_dest("pacs", "PACS", pacs.dicom_port)])
+        svc.enqueue(study, "job1", files, ["pacs"])
+        assert svc.run_once() == 4
+        assert pacs.study_uids() == [study]
+        assert pacs.sop_uids(study) == sop_uids(files)
+        assert len(pacs.instances()) == 4
+
+
+def test_destination_down_then_back_every_result_arrives_once(tmp_path: Path, storage: Path, state: State) -> None:
+    study, first = make_results(storage, 2, job_id="job1")
+    _, later = make_results(storage, 3, study_uid=study, job_id="job2")
+    with Orthanc(tmp_path / "pacs", aet="PACS") as pacs:
+        svc = service(state, storage, [dicom_dest("pacs", "PACS", pacs.dicom_port)])
+        svc.enqueue(study, "job1", first, ["pacs"])
+        assert svc.run_once() == 2
+        pacs.stop()
+        svc.start()
+        try:
+            svc.enqueue(study, "job2", later, ["pacs"], priority="stat")
+            time.sleep(8)  # down long enough for several backoff rounds
+            rows = state.query("SELECT attempts, last_error, state FROM deliveries WHERE job_id='job2'")
+            assert all(r["state"] == PENDING for r in rows)
+            assert min(r["attempts"] for r in rows) >= 3, "transient failures must be retried"
+            assert max(r["attempts"] for r in rows) <= 20, "backoff must space the retries out"
+            assert "could not connect" in rows[0]["last_error"]
+            assert svc.summary(study)["pacs"]["counts"][PENDING] == 3
+            pacs.start()
+            assert wait_for(lambda: states(state).get(SENT) == 5, 10), states(state)
+        finally:
+            svc.stop()
+        assert pacs.study_uids() == [study]
+        assert pacs.sop_uids(study) == sop_uids(first + later)
+        assert len(pacs.instances()) == 5
+
+
+def test_orthanc_wrong_called_aet_is_permanent(tmp_path: Path, storage: Path, state: State) -> None:
+    study, files = make_results(storage, 2)
+    with Orthanc(tmp_path / "pacs", aet="PACS", check_called_aet=True) as pacs:
+        svc = service(state, storage, [dicom_dest("pacs", "NOTPACS", pacs.dicom_port)])
+        svc.enqueue(study, "job1", files, ["pacs"])
+        assert svc.run_once() == 0
+        assert svc.run_once() == 0
+        assert states(state) == {FAILED: 2}
+        err = svc.summary(study)["pacs"]["last_error"]
+        assert "rejected permanently" in err and "Called AE title not recognised" in err
+        assert pacs.instances() == []
+
+
+def test_permanent_rejection_no_retry_storm(storage: Path, state: State) -> None:
+    study, files = make_results(storage, 3)
+    with TestSCP(aet="RIGHT", require_called_aet=True) as scp:
+        svc = service(state, storage, [dicom_dest("picky", "WRONG", scp.port)])
+        svc.start()
+        try:
+            svc.enqueue(study, "job1", files, ["picky"])
+            time.sleep(3)
+        finally:
+            svc.stop()
+        assert scp.connections == 1, f"{scp.connections} association attempts after a permanent rejection"
+        assert states(state) == {FAILED: 3}
+        assert scp.received == []
+
+
+def test_unsupported_sop_class_fails_permanently_others_go(storage: Path, state: State) -> None:
+    study, ct = make_results(storage, 2, job_id="ct")
+    _, sc = make_results(storage, 1, study_uid=study, job_id="sc", sop_class=SecondaryCaptureImageStorage)
+    with TestSCP(sop_classes=(CTImageStorage,)) as scp:
+        svc = service(state, storage, [dicom_dest("ctonly", "TESTSCP", scp.port)])
+        svc.enqueue(study, "ct", ct, ["ctonly"])
+        svc.enqueue(study, "sc", sc, ["ctonly"])
+        assert svc.run_once() == 2
+        assert svc.run_once() == 0
+        assert sorted(u for u, _, _ in scp.received) == sop_uids(ct)
+        assert scp.connections == 1
+        row = state.one("SELECT state, last_error, attempts FROM deliveries WHERE job_id='sc'")
+        assert row["state"] == FAILED and "presentation context" in row["last_error"] and row["attempts"] == 1
+
+
+def test_no_presentation_context_accepted_is_permanent(storage: Path, state: State) -> None:
+    study, sc = make_results(storage, 2, sop_class=SecondaryCaptureImageStorage)
+    with TestSCP(sop_classes=(CTImageStorage,)) as scp:
+        svc = service(state, storage, [dicom_dest("ctonly", "TESTSCP", scp.port)])
+        svc.enqueue(study, "job1", sc, ["ctonly"])
+        assert svc.run_once() == 0
+        assert states(state) == {FAILED: 2}
+        assert "accepted no presentation context" in svc.summary(study)["ctonly"]["last_error"]
+
+
+def test_status_out_of_resources_is_retried_other_failures_are_not(storage: Path, state: State) -> None:
+    study, files = make_results(storage, 2)
+    # first C-STORE: 0xA700 (transient), second: 0xA900 (permanent), then success for the retry
+    codes = {0: 0xA700, 1: 0xA900}
+    with TestSCP(status=lambda n: codes.get(n, 0x0000)) as scp:
+        svc = service(state, storage, [dicom_dest("scp", "TESTSCP", scp.port)])
+        svc.enqueue(study, "job1", files, ["scp"])
+        assert svc.run_once() == 0
+        rows = {r["sop_uid"]: r for r in state.query("SELECT * FROM deliveries")}
+        first, second = scp.received[0][0], scp.received[1][0]
+        assert rows[first]["state"] == PENDING and "0xA700" in rows[first]["last_error"]
+        assert rows[second]["state"] == FAILED and "0xA900" in rows[second]["last_error"]
+        assert wait_for(lambda: svc.run_once() == 1, 5, 0.2)
+        assert states(state) == {SENT: 1, FAILED: 1}
+        assert [u for u, _, _ in scp.received] == [first, second, first], "re-send keeps the SOP Instance UID"
+
+
+def test_transfer_syntax_fallback_to_implicit(storage: Path, state: State) -> None:
+    study, rle = make_results(storage, 1, job_id="rle", transfer_syntax=RLELossless)
+    _, explicit = make_results(storage, 1, study_uid=study, job_id="explicit")
+    assert dcmread(rle[0]).file_meta.TransferSyntaxUID == RLELossless
+    with TestSCP(transfer_syntaxes=[ImplicitVRLittleEndian]) as scp:
+        svc = service(state, storage, [dicom_dest("implicit", "TESTSCP", scp.port)])
+        svc.enqueue(study, "rle", rle, ["implicit"])
+        svc.enqueue(study, "explicit", explicit, ["implicit"])
+        assert svc.run_once() == 2
+        assert {ts for _, ts, _ in scp.received} == {ImplicitVRLittleEndian}
+        got = {u: ds for u, _, ds in scp.received}
+        for p in rle + explicit:
+            orig = dcmread(p)
+            assert np.array_equal(got[str(orig.SOPInstanceUID)].pixel_array, orig.pixel_array)
+        assert dcmread(rle[0]).file_meta.TransferSyntaxUID == RLELossless, "outbox file must not be rewritten"
+
+
+def test_stat_goes_first_and_wake_skips_the_poll_interval(storage: Path, state: State) -> None:
+    study, routine = make_results(storage, 3, job_id="routine")
+    _, stat = make_results(storage, 1, study_uid=study, job_id="stat")
+    with TestSCP() as scp:
+        svc = service(state, storage, [dicom_dest("scp", "TESTSCP", scp.port)], poll_interval_s=60)
+        svc.enqueue(study, "routine", routine, ["scp"])
+        svc.enqueue(study, "stat", stat, ["scp"], priority="stat")
+        assert svc.run_once() == 4
+        assert scp.received[0][0] == sop_uids(stat)[0]
+        svc.start()
+        try:
+            time.sleep(0.3)  # the loop is now waiting out its 60 s poll interval
+            _, more = make_results(storage, 1, study_uid=study, job_id="stat2")
+            t0 = time.monotonic()
+            svc.enqueue(study, "stat2", more, ["scp"], priority="stat")
+            assert wait_for(lambda: len(scp.received) == 5, 5, 0.02)
+            assert time.monotonic() - t0 < 3
+        finally:
+            svc.stop()
+
+
+def test_dead_letter_after_retry_max_hours(storage: Path, state: State) -> None:
+    study, files = make_results(storage, 2)
+    svc = service(state, storage, [dicom_dest("gone", "GONE", free_port(), retry_max_hours=1.5 / 3600)])
+    svc.enqueue(study, "job1", files, ["gone"])
+    assert wait_for(lambda: (svc.run_once(), states(state))[1] == {DEAD: 2}, 6, 0.1), states(state)
+    s = svc.summary(study)["gone"]
+    assert s["counts"][DEAD] == 2 and "could not connect" in s["last_error"] and not s["delivered"]
+    assert svc.all_pending() == {"gone": 0}
+
+
+def test_kill_9_with_results_pending_then_restart_delivers_once(tmp_path: Path, storage: Path) -> None:
+    study, files = make_results(storage, 4)
+    scp = StoreSCP(tmp_path / "scp", aet="STORESCP")  # unique file names: a duplicate would show
+    cfg = tmp_path / "ainode.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "node": {"ae_title": "AINODE", "storage_dir": str(storage)},
+        "destinations": [{"name": "scp", "kind": "dicom", "ae_title": "STORESCP", "host": "127.0.0.1",
+                          "port": scp.port}]}))
+    st = State(storage)
+    DeliveryService(st, [dicom_dest("scp", "STORESCP", scp.port)], storage, "AINODE").enqueue(
+        study, "job1", files, ["scp"])
+    st.close()
+    cmd = [sys.executable, "-m", "node.delivery", "--config", str(cfg), "--storage-dir", str(storage),
+           "--backoff-base", "0.3", "--backoff-max", "1", "--poll-interval", "0.2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    logf = open(tmp_path / "delivery.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        st = State(storage)
+        assert wait_for(lambda: st.one("SELECT MIN(attempts) AS a FROM deliveries")["a"] >= 2, 15), \
+            (tmp_path / "delivery.log").read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        before = st.one("SELECT MIN(attempts) AS a FROM deliveries")["a"]
+        assert states(st) == {PENDING: 4}
+        with scp:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            assert wait_for(lambda: states(st) == {SENT: 4}, 20), (tmp_path / "delivery.log").read_text()
+            time.sleep(1.0)  # a duplicate would be sent now if the restart forgot what it did
+            assert scp.sop_uids() == sop_uids(files), "every result exactly once"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        assert st.one("SELECT MIN(attempts) AS a FROM deliveries")["a"] > before, "schedule survived the kill"
+        st.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        logf.close()
+
+
+def test_stow_rs_to_orthanc_dicomweb(tmp_path: Path, storage: Path, state: State) -> None:
+    study, files = make_results(storage, 3)
+    with Orthanc(tmp_path / "pacs", aet="PACS", dicomweb=True) as pacs:
+        dests = [DestinationConfig(name="web", kind="dicomweb", url=pacs.dicomweb_url, bearer_token="t0ken"),
+                 DestinationConfig(name="web404", kind="dicomweb", url=pacs.http_url + "/no-such-root"),
+                 DestinationConfig(name="webdown", kind="dicomweb", url=f"http://127.0.0.1:{free_port()}/dicom-web")]
+        svc = service(state, storage, dests)
+        svc.enqueue(study, "job1", files, ["web", "web404", "webdown"])
+        assert svc.run_once() == 3
+        assert pacs.sop_uids(study) == sop_uids(files)
+        assert pacs.study_uids() == [study]
+        assert states(state, "web") == {SENT: 3}
+        assert states(state, "web404") == {FAILED: 3}
+        assert "HTTP 404" in svc.summary(study)["web404"]["last_error"]
+        assert states(state, "webdown") == {PENDING: 3}
