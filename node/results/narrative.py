@@ -1,0 +1,144 @@
+"""TID 2000 Basic Diagnostic Imaging Report as Enhanced SR: the human-readable draft.
+
+Radiologists read this one in the PACS report viewer, so it says plainly that it is an unverified AI
+draft, in the language the route asked for, and gains a Communication of Critical Results section
+only when something critical was found.
+"""
+
+from __future__ import annotations
+
+from highdicom.sr import (
+    CodeContentItem,
+    ContainerContentItem,
+    EnhancedSR,
+    LanguageOfContentItemAndDescendants,
+    TextContentItem,
+)
+from highdicom.sr.enum import RelationshipTypeValues as R
+from highdicom.sr.value_types import ContentSequence
+from pydicom.dataset import Dataset
+
+from pipelines.base import Narrative, PipelineResult
+
+from . import codes as C
+from .common import (
+    CHARSET,
+    DRAFT_TEXT,
+    UNVERIFIED_TEXT,
+    Context,
+    device_observer,
+    model_name,
+    model_version,
+    new_uid,
+    series_description,
+)
+from .sources import Source
+
+#: Fallback wording when a pipeline gave no narrative in the requested language.
+WORDS = {
+    "en": {
+        "draft": DRAFT_TEXT,
+        "unverified": UNVERIFIED_TEXT,
+        "none": "No findings reported by the algorithm.",
+        "present": "present", "absent": "not detected", "probability": "probability",
+        "critical": "Critical finding",
+        "algorithm": "Algorithm",
+    },
+    "zh": {
+        "draft": "AI 生成的草稿 — 需经医师审核 (" + DRAFT_TEXT + ")",
+        "unverified": "未验证模型 — 不得用于临床 (" + UNVERIFIED_TEXT + ")",
+        "none": "算法未报告任何发现。",
+        "present": "存在", "absent": "未检出", "probability": "概率",
+        "critical": "危急发现",
+        "algorithm": "算法",
+    },
+}
+
+
+def words(language: str) -> dict[str, str]:
+    return WORDS.get(language, WORDS["en"])
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def finding_lines(result: PipelineResult, language: str) -> list[str]:
+    """One line per finding / measurement / evaluation; also used for the SC panel."""
+    w = words(language)
+    lines = []
+    for f in result.findings:
+        state = w["present"] if f.present else w["absent"]
+        p = f" ({w['probability']} {f.probability:.2f})" if f.probability is not None else ""
+        crit = f" — {w['critical']}" if f.critical and f.present else ""
+        lines.append(f"{f.label or f.code.meaning}: {state}{p}{crit}")
+    for m in result.measurements:
+        unit = m.unit.value if m.unit.value not in ("1", "[hnsf'U]") else ("HU" if m.unit.value == "[hnsf'U]" else "")
+        where = f" [{m.group}]" if m.group else ""
+        lines.append(f"{m.label or m.code.meaning}{where}: {_fmt(m.value)} {unit}".rstrip())
+    for e in result.evaluations:
+        lines.append(f"{e.name.meaning}: {e.value.meaning}" + (f" — {e.note}" if e.note else ""))
+    return lines
+
+
+def narrative_for(result: PipelineResult, language: str) -> Narrative:
+    """The pipeline's own text when it wrote one for this language, else a list built from the result."""
+    n = result.narrative.get(language)
+    if n is not None:
+        return n
+    w = words(language)
+    lines = finding_lines(result, language) or [w["none"]]
+    return Narrative(findings="\n".join(lines), impression=lines[0], critical=critical_text(result, language))
+
+
+def critical_text(result: PipelineResult, language: str) -> str:
+    crit = [f"{f.label or f.code.meaning}" for f in result.findings if f.critical and f.present]
+    crit += [f"{e.name.meaning}: {e.value.meaning}" for e in result.evaluations if e.critical]
+    return (words(language)["critical"] + ": " + "; ".join(crit)) if crit else ""
+
+
+def _section(name, concept_name, texts: list[str]) -> ContainerContentItem:
+    box = ContainerContentItem(name, relationship_type=R.CONTAINS)
+    box.ContentSequence = ContentSequence([TextContentItem(concept_name, t, relationship_type=R.CONTAINS)
+                                           for t in texts if t])
+    return box
+
+
+def build_narrative(result: PipelineResult, sources: list[Source], ctx: Context) -> Dataset:
+    lang = ctx.language
+    w = words(lang)
+    n = narrative_for(result, lang)
+    root = ContainerContentItem(C.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
+    items: list = list(LanguageOfContentItemAndDescendants(C.language(lang)))
+    items.extend(device_observer(result, ctx))
+    modality = str(sources[0].header.get("Modality", ""))
+    procedure = C.concept(result.procedure) if result.procedure else C.PROCEDURE_BY_MODALITY.get(modality)
+    if procedure is not None:
+        items.append(CodeContentItem(C.PROCEDURE_REPORTED, procedure, relationship_type=R.HAS_CONCEPT_MOD))
+    header = [w["draft"]]
+    if result.unverified:
+        header.insert(0, w["unverified"])
+    header.append(f"{w['algorithm']}: {model_name(result)} {model_version(result)}")
+    findings = header + [n.findings or w["none"]]
+    items.append(_section(C.FINDINGS_SECTION, C.FINDING, findings))
+    impressions = [n.impression] if n.impression else [w["none"]]
+    if result.unverified:
+        impressions.append(w["unverified"])
+    items.append(_section(C.IMPRESSIONS_SECTION, C.IMPRESSION, impressions))
+    if n.recommendations:
+        items.append(_section(C.RECOMMENDATIONS_SECTION, C.RECOMMENDATION, [n.recommendations]))
+    if result.critical:
+        crit = n.critical or critical_text(result, lang)
+        items.append(_section(C.CRITICAL_SECTION, C.FINDING, [crit]))
+    root.ContentSequence = ContentSequence(items)
+    evidence = [s.header for s in sources if s.is_image] or [sources[0].header]
+    sr = EnhancedSR(
+        evidence=evidence, content=root, series_instance_uid=new_uid(), series_number=ctx.series_number(1),
+        sop_instance_uid=new_uid(), instance_number=1, manufacturer=ctx.manufacturer,
+        institution_name=ctx.institution or None,
+        previous_versions=[p.as_dataset() for p in ctx.predecessors] or None,
+        specific_character_set=CHARSET, series_description=series_description(result, "report"),
+        record_evidence=True)
+    C.declare_private_scheme(sr)
+    return sr
+

@@ -1,0 +1,284 @@
+"""Pixels for the Secondary Capture: display windowing, overlays and the burned-in text panel.
+
+The SC must read correctly in any viewer, including ones that ignore every presentation attribute,
+so we bake in what a radiologist would see: the source's own window (or VOI LUT), MONOCHROME1
+inverted, ROIs and heat maps drawn, and a text panel under the image (never over anatomy).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi
+
+from pipelines.base import Overlay, Region
+
+log = logging.getLogger(__name__)
+
+#: Images smaller than this (long side) are upscaled by an integer factor so panel text stays legible.
+MIN_LONG_SIDE = 1024
+
+RED = (230, 20, 20)
+YELLOW = (255, 230, 0)
+CYAN = (0, 220, 255)
+ORANGE = (255, 150, 0)
+WHITE = (255, 255, 255)
+GREY = (190, 190, 190)
+
+_HERE = Path(__file__).parent
+LATIN_FONTS = [
+    _HERE / "fonts" / "DejaVuSans.ttf",
+    Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),  # fonts-dejavu-core
+    Path("/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf"),
+    Path("/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"),
+]
+CJK_FONTS = [
+    _HERE / "fonts" / "DroidSansFallbackFull.ttf",
+    Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),  # fonts-wqy-microhei
+    Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),  # fonts-noto-cjk
+    Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"),  # fonts-droid-fallback
+]
+
+
+@lru_cache(maxsize=4)
+def font_path(language: str = "en") -> Path | None:
+    """A real TTF for the language; None means PIL's built-in font (logged, because it is ugly)."""
+    env = os.environ.get("AINODE_FONT_CJK" if language == "zh" else "AINODE_FONT")
+    candidates = ([Path(env)] if env else []) + (CJK_FONTS if language == "zh" else LATIN_FONTS + CJK_FONTS)
+    for p in candidates:
+        if p.exists():
+            return p
+    log.warning("no TrueType font found for %r; falling back to PIL's default font", language)
+    return None
+
+
+@lru_cache(maxsize=16)
+def font(size: int, language: str = "en") -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    p = font_path(language)
+    if p is not None:
+        return ImageFont.truetype(str(p), size)
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # very old Pillow
+        return ImageFont.load_default()
+
+
+# --------------------------------------------------------------------------- windowing
+def _first(value: object) -> float:
+    if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, str):
+        value = value[0]  # type: ignore[index]
+    return float(value)  # type: ignore[arg-type]
+
+
+def window_linear(x: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 LINEAR window, to [0, 1]."""
+    width = max(width, 1.0)
+    y = (x - (centre - 0.5)) / (width - 1.0) + 0.5 if width > 1 else (x >= centre).astype(float)
+    return np.clip(y, 0.0, 1.0)
+
+
+def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """Grey levels 0..255 as a viewer would show the image (presentation polarity applied)."""
+    arr = ds.pixel_array
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    if nframes > 1:
+        arr = arr[(frame or 1) - 1]
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        return arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax(arr)
+    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        y = np.asarray(apply_voi(x, ds, index=0), dtype=np.float64)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        norm = y / float(2 ** bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds and str(ds.WindowWidth) != "":
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID":
+            norm = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / max(w, 1.0)))
+        else:
+            norm = window_linear(x, c, w)
+    else:  # no window in the header: robust range instead of min/max so a few hot pixels do not wash it out
+        lo, hi = np.percentile(x, [0.5, 99.5])
+        norm = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        norm = 1.0 - norm
+    return np.round(norm * 255.0).astype(np.uint8)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    a = arr.astype(np.float64)
+    return np.round((a - a.min()) / max(a.max() - a.min(), 1e-6) * 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- overlays
+def _colormap(v: np.ndarray) -> np.ndarray:
+    """A jet-like ramp: blue -> cyan -> yellow -> red; cheap and unambiguous on grey anatomy."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return np.stack([r, g, b], axis=-1) * 255.0
+
+
+def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, max_alpha: float = 0.5) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    hm = np.asarray(heat, dtype=np.float32)
+    if hm.shape != (h, w):
+        hm = np.asarray(Image.fromarray(hm, mode="F").resize((w, h), Image.BILINEAR))
+    hm = np.clip(np.nan_to_num(hm), 0.0, 1.0)
+    alpha = (max_alpha * hm)[..., None]
+    out = rgb.astype(np.float32) * (1 - alpha) + _colormap(hm) * alpha
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def blend_mask(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = CYAN) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    m = np.asarray(mask).astype(bool)
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    out = rgb.astype(np.float32)
+    out[m] = out[m] * 0.7 + np.array(colour, np.float32) * 0.3
+    return out.astype(np.uint8)
+
+
+@dataclass
+class DrawnRegion:
+    region: Region
+    colour: tuple[int, int, int]
+    label: str = ""
+
+
+def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, language: str) -> None:
+    d = ImageDraw.Draw(img)
+    lw = max(2, round(max(img.size) / 600))
+    f = font(max(14, round(max(img.size) / 70)), language)
+
+    def sc(p: tuple[float, float]) -> tuple[float, float]:  # pixel centres stay centres after upscaling
+        return ((p[0] + 0.5) * scale - 0.5, (p[1] + 0.5) * scale - 0.5)
+
+    for dr in regions:
+        pts = [sc(tuple(p)) for p in dr.region.points]  # type: ignore[arg-type]
+        gt = dr.region.graphic_type
+        if gt == "CIRCLE" and len(pts) >= 2:
+            (cx, cy), (ex, ey) = pts[0], pts[1]
+            r = math.hypot(ex - cx, ey - cy)
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=dr.colour, width=lw)
+            anchor = (cx + r * 0.75, cy - r * 0.75)
+        elif gt == "ELLIPSE" and len(pts) >= 4:
+            xs, ys = [p[0] for p in pts[:4]], [p[1] for p in pts[:4]]
+            d.ellipse([min(xs), min(ys), max(xs), max(ys)], outline=dr.colour, width=lw)
+            anchor = (max(xs), min(ys))
+        elif gt in ("POINT", "MULTIPOINT"):
+            r = 3 * lw
+            for x, y in pts:
+                d.line([x - r, y, x + r, y], fill=dr.colour, width=lw)
+                d.line([x, y - r, x, y + r], fill=dr.colour, width=lw)
+            anchor = (pts[0][0] + r, pts[0][1] - r)
+        else:
+            d.line(pts, fill=dr.colour, width=lw, joint="curve")
+            anchor = (max(p[0] for p in pts), min(p[1] for p in pts))
+        text = dr.label or dr.region.label
+        if text:
+            x, y = anchor
+            box = d.textbbox((x + lw, y), text, font=f)
+            d.rectangle(box, fill=(0, 0, 0))
+            d.text((x + lw, y), text, fill=dr.colour, font=f)
+
+
+# --------------------------------------------------------------------------- panel
+@dataclass
+class Panel:
+    """Burned-in text under the image; ``banner`` is the red CRITICAL FINDING strip when set."""
+
+    title: str
+    lines: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
+    banner: str = ""
+    language: str = "en"
+
+
+def _wrap(text: str, f: ImageFont.ImageFont, width: int, d: ImageDraw.ImageDraw) -> list[str]:
+    out: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        tokens = para.split(" ") if " " in para else list(para)
+        sep = " " if " " in para else ""
+        for tok in tokens:
+            trial = f"{line}{sep}{tok}" if line else tok
+            if d.textlength(trial, font=f) <= width or not line:
+                line = trial
+            else:
+                out.append(line)
+                line = tok
+        out.append(line)
+    return out
+
+
+def panel_font_size(width: int) -> int:
+    """~1/55 of the width: 35 px on a 1955-wide CR, legible at 1:1 and when a viewer fits to screen."""
+    return max(16, round(width / 55))
+
+
+def render_panel(width: int, panel: Panel) -> np.ndarray:
+    size = panel_font_size(width)
+    f = font(size, panel.language)
+    fb = font(round(size * 1.25), panel.language)
+    margin = size // 2
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows: list[tuple[str, tuple[int, int, int], ImageFont.ImageFont]] = []
+    for text, colour in [(panel.title, WHITE)] + panel.lines:
+        for ln in _wrap(text, f, width - 2 * margin, scratch):
+            rows.append((ln, colour, f))
+    line_h = round(size * 1.3)
+    banner_h = round(size * 2.0) if panel.banner else 0
+    height = banner_h + 2 * margin + line_h * len(rows)
+    img = Image.new("RGB", (width, height), (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    if panel.banner:
+        d.rectangle([0, 0, width - 1, banner_h - 1], fill=RED)
+        tw = d.textlength(panel.banner, font=fb)
+        d.text(((width - tw) / 2, (banner_h - fb.size) / 2 if hasattr(fb, "size") else 0), panel.banner,
+               fill=WHITE, font=fb)
+    y = banner_h + margin
+    for text, colour, ff in rows:
+        d.text((margin, y), text, fill=colour, font=ff)
+        y += line_h
+    return np.asarray(img)
+
+
+def upscale_factor(rows: int, cols: int) -> int:
+    return max(1, math.ceil(MIN_LONG_SIDE / max(rows, cols)))
+
+
+def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[Overlay], panel: Panel) -> np.ndarray:
+    """Key image (upscaled if small) with heat maps, masks and outlines, then the panel underneath."""
+    base = grey_or_rgb if grey_or_rgb.ndim == 3 else np.repeat(grey_or_rgb[..., None], 3, axis=-1)
+    s = upscale_factor(*base.shape[:2])
+    img = Image.fromarray(base)
+    if s > 1:
+        img = img.resize((base.shape[1] * s, base.shape[0] * s), Image.BICUBIC)
+    rgb = np.asarray(img)
+    for ov in overlays:
+        if ov.kind == "heatmap":
+            rgb = blend_heatmap(rgb, ov.array)
+        elif ov.kind == "mask":
+            rgb = blend_mask(rgb, ov.array)
+    img = Image.fromarray(rgb)
+    draw_regions(img, regions, float(s), panel.language)
+    top = np.asarray(img)
+    bottom = render_panel(top.shape[1], panel)
+    return np.ascontiguousarray(np.vstack([top, bottom]))
+
+
+def caption_strip(rgb: np.ndarray, panel: Panel) -> np.ndarray:
+    """A pipeline-rendered chart keeps its pixels; the disclaimer panel goes underneath."""
+    arr = np.asarray(rgb)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    arr = arr[..., :3].astype(np.uint8)
+    return np.ascontiguousarray(np.vstack([arr, render_panel(arr.shape[1], panel)]))

@@ -1,0 +1,159 @@
+"""Secondary Capture summary images: the one result object every viewer can show.
+
+The key image with the result drawn on it, plus one SC per pipeline-rendered picture (charts,
+tables), all in one series. Text is burned in, so BurnedInAnnotation is YES and the header says
+which image it was derived from and how.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from highdicom.sc import SCImage
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+
+from pipelines.base import ImageRef, PipelineResult
+
+from . import codes as C
+from .common import (
+    CHARSET,
+    NOT_FOR_DIAGNOSIS,
+    UNVERIFIED_TEXT,
+    Context,
+    model_name,
+    model_version,
+    new_uid,
+    series_description,
+)
+from .narrative import finding_lines, words
+from .render import CYAN, ORANGE, RED, WHITE, YELLOW, DrawnRegion, Panel, caption_strip, compose, display_values
+from .sources import Source, find, with_pixels
+
+log = logging.getLogger(__name__)
+
+_AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z of the patient coordinate system (LPS)
+
+
+def _orientation_letter(v: np.ndarray) -> str:
+    i = int(np.argmax(np.abs(v)))
+    return _AXES[i][0] if v[i] > 0 else _AXES[i][1]
+
+
+def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
+    """Row/column directions as single biped letters: from PatientOrientation, else ImageOrientationPatient."""
+    po = ds.get("PatientOrientation")
+    if po and len(po) == 2 and all(len(str(x)) == 1 and str(x) in "LRAPHF" for x in po):
+        return str(po[0]), str(po[1])
+    iop = ds.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        v = np.array([float(x) for x in iop])
+        return _orientation_letter(v[:3]), _orientation_letter(v[3:])
+    return None
+
+
+def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
+    w = words(ctx.language)
+    lines: list[tuple[str, tuple[int, int, int]]] = []
+    if result.unverified:
+        lines.append((UNVERIFIED_TEXT, ORANGE))
+    lines.append((f"{w['algorithm']}: {model_name(result)} {model_version(result)}", WHITE))
+    if caption:
+        lines.append((caption, WHITE))
+    for f in result.findings:
+        if f.present:
+            colour = RED if f.critical else YELLOW
+            p = f" ({f.probability:.2f})" if f.probability is not None else ""
+            lines.append((f"{f.label or f.code.meaning}: {w['present']}{p}", colour))
+    others = [ln for ln in finding_lines(result, ctx.language)
+              if not any(ln.startswith(f"{f.label or f.code.meaning}:") for f in result.findings if f.present)]
+    lines.extend((ln, WHITE) for ln in others)
+    if not result.findings and not result.measurements and not result.evaluations:
+        lines.append((w["none"], WHITE))
+    return Panel(title=NOT_FOR_DIAGNOSIS, lines=lines, banner="CRITICAL FINDING" if result.critical else "",
+                 language=ctx.language)
+
+
+def _regions_on(result: PipelineResult, key: ImageRef) -> list[DrawnRegion]:
+    def same(r: ImageRef) -> bool:
+        return r.sop_instance_uid == key.sop_instance_uid and (r.frame or 1) == (key.frame or 1)
+
+    out = []
+    for f in result.findings:
+        if not f.present:
+            continue
+        for r in f.regions:
+            if same(r.image):
+                out.append(DrawnRegion(r, RED if f.critical else YELLOW, r.label or f.label))
+    for m in result.measurements:
+        if m.region is not None and same(m.region.image):
+            out.append(DrawnRegion(m.region, CYAN, m.region.label or m.label))
+    return out
+
+
+def _base_sc(pixels: np.ndarray, ref: Dataset, result: PipelineResult, ctx: Context, series_uid: str,
+             number: int) -> SCImage:
+    orient = patient_orientation(ref)
+    lat = str(ref.get("Laterality", "") or ref.get("ImageLaterality", "") or "")
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=ref, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=ctx.series_number(2),
+        sop_instance_uid=new_uid(), instance_number=number, manufacturer=ctx.manufacturer,
+        patient_orientation=orient or ("L", "F"), laterality=lat if lat in ("R", "L") else None,
+        specific_character_set=CHARSET, series_description=series_description(result, "summary"))
+    if orient is None:
+        sc.PatientOrientation = ""  # type 2: unknown rather than a guess
+    sc.ConversionType = "WSD"  # produced on a workstation, not digitised
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    if ctx.institution:
+        sc.InstitutionName = ctx.institution
+    if "Laterality" not in sc:
+        sc.Laterality = lat if lat in ("R", "L") else ""
+    sc.ImageComments = NOT_FOR_DIAGNOSIS + (f"; {UNVERIFIED_TEXT}" if result.unverified else "")
+    return sc
+
+
+def _source_image_sequence(key: ImageRef) -> list[Dataset]:
+    item = Dataset()
+    item.ReferencedSOPClassUID = key.sop_class_uid
+    item.ReferencedSOPInstanceUID = key.sop_instance_uid
+    if key.frame:
+        item.ReferencedFrameNumber = key.frame
+    item.PurposeOfReferenceCodeSequence = [CodedConcept("121322", "DCM", C.SOURCE_IMAGE_PURPOSE.meaning)]
+    return [item]
+
+
+def build_secondary_captures(result: PipelineResult, sources: list[Source], key: ImageRef | None,
+                             ctx: Context) -> list[Dataset]:
+    series_uid = new_uid()
+    out: list[Dataset] = []
+    header = sources[0].header
+    src = find(sources, key.sop_instance_uid) if key else None
+    full = with_pixels(src) if src is not None else None
+    if key is not None and full is not None:
+        grey = display_values(full, key.frame)
+        overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask")
+                    and (o.source is None or o.source.sop_instance_uid == key.sop_instance_uid)]
+        pixels = compose(grey, _regions_on(result, key), overlays, _panel(result, ctx))
+        sc = _base_sc(pixels, src.header, result, ctx, series_uid, 1)
+        sc.SourceImageSequence = _source_image_sequence(key)
+        sc.DerivationDescription = (
+            f"AI result summary by {model_name(result)} {model_version(result)}: source image windowed for "
+            f"display, regions and heat maps drawn, findings text burned in")[:1024]
+        header = src.header
+        out.append(sc)
+    else:
+        log.warning("no key image pixels for %s; summary SC omitted", result.pipeline)
+    for ov in result.overlays:
+        if ov.kind != "image":
+            continue
+        pixels = caption_strip(ov.array, _panel(result, ctx, caption=ov.caption or ov.name))
+        sc = _base_sc(pixels, header, result, ctx, series_uid, len(out) + 1)
+        sc.DerivationDescription = f"Rendered by {model_name(result)} {model_version(result)}: {ov.caption or ov.name}"[
+            :1024]
+        out.append(sc)
+    for sc in out:
+        C.declare_private_scheme(sc)
+    return out
