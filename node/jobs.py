@@ -144,7 +144,7 @@ class JobManager:
             job_id=job["job_id"], study_uid=job["study_uid"], pipeline=job["pipeline"], paths=paths,
             result_dir=str(self.storage / "results" / job["job_id"]),
             outbox_dir=str(self.storage / "outbox" / job["job_id"]),
-            options=options, language=language, sr_class=sr_class,
+            options=options, language=language, sr_class=sr_class, encode=bool(r and r.destinations),
             predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]))
         return spec, queue
 

@@ -203,6 +203,14 @@ class StorageSCP:
                 return True
         return False
 
+    @staticmethod
+    def _reject(event: evt.Event, rsd: tuple[int, int, int]) -> None:
+        """As pynetdicom's own ACSE rejects: send A-ASSOCIATE-RJ, mark rejected, end the association."""
+        event.assoc.acse.send_reject(*rsd)
+        event.assoc.is_rejected = True
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        event.assoc.kill()
+
     def _on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
         calling = str(rq.primitive.calling_ae_title).strip()
@@ -211,10 +219,10 @@ class StorageSCP:
         if called != self.cfg.node.ae_title:
             log.warning("rejected association from %s@%s: called AE %r is not ours (%s)", calling, host, called,
                         self.cfg.node.ae_title)
-            event.assoc.acse.send_reject(*REJECT_CALLED_AE)
+            self._reject(event, REJECT_CALLED_AE)
         elif not self._peer_allowed(calling, host):
             log.warning("rejected association from %s@%s: calling AE not a configured peer", calling, host)
-            event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+            self._reject(event, REJECT_CALLING_AE)
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc_id = uuid.uuid4().hex
@@ -289,8 +297,8 @@ class StorageSCP:
             expected = None
         new = self.state.record_instance(
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, path=str(stored.path), size=stored.size,
-            calling_ae=calling, assoc_id=assoc_id, modality=modality, sop_class_uid=str(event.request.AffectedSOPClassUID),
-            expected=expected, series_tags=tags)
+            calling_ae=calling, assoc_id=assoc_id, modality=modality,
+            sop_class_uid=str(event.request.AffectedSOPClassUID), expected=expected, series_tags=tags)
         if self.on_instance:
             self.on_instance(InstanceEvent(study_uid, series_uid, sop_uid, new_series, not new or stored.duplicate))
         return 0x0000
