@@ -33,6 +33,7 @@ import ssl
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -305,6 +306,48 @@ class DimseSender:
             return Outcome("transient", f"C-STORE of {it.sop_uid} to {dest.name} broke: {exc}")
         return self._classify(dest, it, status)
 
+    def request_commitment(self, dest: DestinationConfig, txn_uid: str, items: Sequence[Item],
+                           on_report: Any, wait_s: float = 2.0, resolved: threading.Event | None = None) -> Outcome:
+        """N-ACTION (Storage Commitment Push Model, action 1) for ``items`` under ``txn_uid``.
+
+        The answer (N-EVENT-REPORT) may come on this association, so ``on_report`` is bound here and the
+        association is held up to ``wait_s`` (or until ``resolved`` is set); most PACS, Orthanc included,
+        answer later on an association of their own, which the node's SCP hands to the same handler."""
+        contexts = [build_context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+        try:
+            assoc = self.associate(dest, contexts, handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+        except Exception as exc:
+            return Outcome("transient", f"cannot start association with {dest.name}: {exc}")
+        if not assoc.is_established:
+            failure = association_failure(assoc, dest)
+            if failure.kind == "permanent":
+                return Outcome("permanent", f"stored, but storage commitment refused: {failure.error}")
+            return failure
+        try:
+            req = Dataset()
+            req.TransactionUID = txn_uid
+            req.ReferencedSOPSequence = []
+            for it in items:
+                ref = Dataset()
+                ref.ReferencedSOPClassUID = it.sop_class_uid
+                ref.ReferencedSOPInstanceUID = it.sop_uid
+                req.ReferencedSOPSequence.append(ref)
+            status, _ = assoc.send_n_action(req, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
+            if "Status" not in status:
+                return Outcome("transient", f"no N-ACTION response from {dest.name}")
+            code = int(status.Status)
+            if code != 0x0000:
+                kind: Literal["transient", "permanent"] = "transient" if is_transient_status(code) else "permanent"
+                return Outcome(kind, f"storage commitment request refused by {dest.name}: status 0x{code:04X}")
+            if resolved is not None:
+                resolved.wait(wait_s)
+            return Outcome("sent")
+        except Exception as exc:
+            return Outcome("transient", f"storage commitment request to {dest.name} broke: {exc}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
     @staticmethod
     def _classify(dest: DestinationConfig, it: Item, status: Dataset) -> Outcome:
         if "Status" not in status:
@@ -387,7 +430,8 @@ class DeliveryService:
 
     def __init__(self, state: State, destinations: list[DestinationConfig], storage_dir: str | Path,
                  ae_title: str, *, backoff: BackoffPolicy | None = None, poll_interval_s: float = 5.0,
-                 batch_size: int = 50, senders: dict[str, Sender] | None = None) -> None:
+                 batch_size: int = 50, senders: dict[str, Sender] | None = None,
+                 commitment_timeout_s: float = 600.0, commitment_port: int | None = None) -> None:
         self.state = state
         self.destinations = {d.name: d for d in destinations}
         self.storage_dir = Path(storage_dir)
@@ -402,7 +446,19 @@ class DeliveryService:
         self._thread: threading.Thread | None = None
         self._run_lock = threading.Lock()
         self._unknown_warned: set[str] = set()
+        self.commitment_timeout_s = commitment_timeout_s
+        self.commitment_port = commitment_port
+        self._commit_server: Any = None
+        self._txn_events: dict[str, threading.Event] = {}
         state.ensure_schema(SCHEMA)
+
+    def _due_clause(self) -> tuple[str, tuple[Any, ...]]:
+        """Rows the loop must look at: pending ones, and stored-but-uncommitted ones where commitment is wanted."""
+        commit = [d.name for d in self.destinations.values() if d.storage_commitment and d.kind == "dicom"]
+        marks = ",".join("?" * len(commit))
+        if not commit:
+            return "state=?", (PENDING,)
+        return f"(state=? OR (state=? AND destination IN ({marks})))", (PENDING, SENT, *commit)
 
     # ------------------------------------------------------------------ paths
     def _store_path(self, path: Path) -> str:
@@ -480,8 +536,9 @@ class DeliveryService:
         """Attempt everything due now (each destination on its own thread); returns how many were sent."""
         with self._run_lock:
             now = time.time()
+            clause, params = self._due_clause()
             dests = [r["destination"] for r in self.state.query(
-                "SELECT DISTINCT destination FROM deliveries WHERE state=? AND next_attempt<=?", (PENDING, now))]
+                f"SELECT DISTINCT destination FROM deliveries WHERE {clause} AND next_attempt<=?", (*params, now))]
             work = []
             for name in dests:
                 if name in self.destinations:
@@ -512,6 +569,8 @@ class DeliveryService:
             sent += self._record(dest, items, outcomes)
             if not any(o.kind == "sent" for o in outcomes.values()):
                 break  # destination unreachable or refusing: do not open another association now
+        if dest.storage_commitment and dest.kind == "dicom" and not self._stop.is_set():
+            self._request_commitments(dest)
         return sent
 
     def _record(self, dest: DestinationConfig, items: Sequence[Item], outcomes: dict[int, Outcome]) -> int:
@@ -530,8 +589,8 @@ class DeliveryService:
                 if o.kind == "sent":
                     sent += 1
                     c.execute("UPDATE deliveries SET state=?, attempts=?, sent=?, last_attempt=?, last_error=NULL,"
-                              " first_attempt=COALESCE(first_attempt, ?) WHERE id=?",
-                              (SENT, attempts, now, now, now, it.id))
+                              " first_attempt=COALESCE(first_attempt, ?), next_attempt=?, commit_txn=NULL WHERE id=?",
+                              (SENT, attempts, now, now, now, now, it.id))
                     log.info("delivery %s: sent %s", dest.name, it.sop_uid)
                     per_study[it.study_uid][SENT] += 1
                     continue
@@ -560,10 +619,122 @@ class DeliveryService:
             self.state.event("delivery", msg, study_uid)
         return sent
 
+    # ------------------------------------------------------------------ storage commitment
+    def _request_commitments(self, dest: DestinationConfig) -> None:
+        """Ask for commitment of stored rows that have none requested, or whose request timed out."""
+        sender = self.senders.get("dicom")
+        if not isinstance(sender, DimseSender):
+            return
+        now = time.time()
+        rows = self.state.query("SELECT * FROM deliveries WHERE state=? AND destination=? AND next_attempt<=?"
+                                " ORDER BY priority, id LIMIT 500", (SENT, dest.name, now))
+        if not rows:
+            return
+        deadline_s = dest.retry_max_hours * 3600.0
+        expired = [r["id"] for r in rows if now - r["created"] >= deadline_s]
+        if expired:
+            marks = ",".join("?" * len(expired))
+            self.state.execute(f"UPDATE deliveries SET state=?, last_error=? WHERE id IN ({marks})",
+                               (DEAD, f"stored at {dest.name} but never committed within {dest.retry_max_hours} h",
+                                *expired))
+            log.error("delivery %s: %d result(s) dead-lettered without storage commitment", dest.name, len(expired))
+        rows = [r for r in rows if r["id"] not in expired]
+        if not rows:
+            return
+        items = [Item(r["id"], r["destination"], r["sop_uid"], r["sop_class_uid"], r["transfer_syntax"],
+                      r["study_uid"], self._abs_path(r["path"]), r["priority"], r["attempts"], r["created"])
+                 for r in rows]
+        txn = f"2.25.{uuid.uuid4().int}"
+        ids = [it.id for it in items]
+        marks = ",".join("?" * len(ids))
+        # Recorded before asking, so a report that races back on another association finds its rows.
+        self.state.execute(f"UPDATE deliveries SET commit_txn=?, commit_requested=?, next_attempt=? WHERE id IN"
+                           f" ({marks})", (txn, now, now + self.commitment_timeout_s, *ids))
+        resolved = self._txn_events.setdefault(txn, threading.Event())
+        outcome = sender.request_commitment(dest, txn, items, self.handle_n_event_report, resolved=resolved)
+        self._txn_events.pop(txn, None)
+        if outcome.kind == "sent":
+            log.info("delivery %s: storage commitment requested for %d result(s), transaction %s", dest.name,
+                     len(items), txn)
+            return
+        if outcome.kind == "permanent":
+            self.state.execute(f"UPDATE deliveries SET state=?, last_error=? WHERE id IN ({marks}) AND state=?",
+                               (FAILED, outcome.error, *ids, SENT))
+            log.error("delivery %s: %s", dest.name, outcome.error)
+        else:
+            delay = self.backoff.delay(max(1, items[0].attempts))
+            self.state.execute(f"UPDATE deliveries SET commit_txn=NULL, next_attempt=?, last_error=? WHERE id IN"
+                               f" ({marks}) AND state=?", (now + delay, outcome.error, *ids, SENT))
+            log.warning("delivery %s: storage commitment request failed (%s); next in %.1f s", dest.name,
+                        outcome.error, delay)
+
+    def handle_n_event_report(self, event: evt.Event) -> int:
+        """pynetdicom EVT_N_EVENT_REPORT handler: bind it on the node's SCP as well, because most PACS send the
+        storage commitment result on an association of their own."""
+        if str(event.request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
+            return 0x0112  # no such SOP instance: we only take commitment reports
+        try:
+            info = event.event_information
+        except Exception:
+            log.exception("delivery: undecodable storage commitment report")
+            return 0x0110
+        self.commitment_report(info, int(event.event_type or 0))
+        return 0x0000
+
+    def commitment_report(self, info: Dataset, event_type: int = 1) -> tuple[int, int]:
+        """Apply a Storage Commitment result; returns (committed, failed) row counts.
+
+        Failed instances go back to pending and are re-sent with the same SOP Instance UID (PS3.4 J.3.3.1),
+        except for failures that a re-send cannot cure."""
+        txn = str(getattr(info, "TransactionUID", ""))
+        now = time.time()
+        ok = [str(x.ReferencedSOPInstanceUID) for x in getattr(info, "ReferencedSOPSequence", [])]
+        bad = {str(x.ReferencedSOPInstanceUID): int(getattr(x, "FailureReason", 0x0110))
+               for x in getattr(info, "FailedSOPSequence", [])}
+        committed = failed = 0
+        with self.state.tx() as c:
+            for sop in ok:
+                committed += c.execute("UPDATE deliveries SET state=?, committed=?, last_error=NULL WHERE commit_txn=?"
+                                       " AND sop_uid=? AND state=?", (COMMITTED, now, txn, sop, SENT)).rowcount
+            for sop, reason in bad.items():
+                err = f"storage commitment failed: reason 0x{reason:04X} ({_status_text(reason)})"
+                if reason in (0x0119, 0x0122, 0x0131):  # class/instance conflict, class unsupported, dup txn
+                    n = c.execute("UPDATE deliveries SET state=?, last_error=? WHERE commit_txn=? AND sop_uid=?"
+                                  " AND state=?", (FAILED, err, txn, sop, SENT)).rowcount
+                else:
+                    n = c.execute("UPDATE deliveries SET state=?, last_error=?, next_attempt=?, commit_txn=NULL"
+                                  " WHERE commit_txn=? AND sop_uid=? AND state=?",
+                                  (PENDING, err, now + self.backoff.delay(1), txn, sop, SENT)).rowcount
+                failed += n
+        log.info("delivery: storage commitment transaction %s: %d committed, %d failed (event type %d)", txn,
+                 committed, failed, event_type)
+        if committed or failed:
+            ev = self._txn_events.get(txn)
+            if ev is not None:
+                ev.set()
+            if failed:
+                self.wake()
+        return committed, failed
+
+    def start_commitment_listener(self) -> None:
+        """(Called by ``start``.) A listener for N-EVENT-REPORTs, for running delivery on its own
+        (``python -m node.delivery``, tests); inside ``ainode run`` the node's main SCP should route them to
+        ``handle_n_event_report`` instead."""
+        if self.commitment_port is None or self._commit_server is not None:
+            return
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                 scu_role=True, scp_role=True)
+        ae.add_supported_context("1.2.840.10008.1.1")
+        self._commit_server = ae.start_server(("0.0.0.0", self.commitment_port), block=False,
+                                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, self.handle_n_event_report),
+                                                            (evt.EVT_CONN_OPEN, _set_nodelay)])
+
     # ------------------------------------------------------------------ thread
     def start(self) -> None:
         if self._thread and self._thread.is_alive():
             return
+        self.start_commitment_listener()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
         self._thread.start()
@@ -574,6 +745,9 @@ class DeliveryService:
         if self._thread:
             self._thread.join(timeout)
             self._thread = None
+        if self._commit_server is not None:
+            self._commit_server.shutdown()
+            self._commit_server = None
 
     def wake(self) -> None:
         """Deliver now rather than at the next poll (a stat result must not wait out the interval)."""
@@ -586,7 +760,8 @@ class DeliveryService:
                 self.run_once()
             except Exception:
                 log.exception("delivery: run failed; retrying after the poll interval")
-            row = self.state.one("SELECT MIN(next_attempt) AS t FROM deliveries WHERE state=?", (PENDING,))
+            clause, params = self._due_clause()
+            row = self.state.one(f"SELECT MIN(next_attempt) AS t FROM deliveries WHERE {clause}", params)
             wait = self.poll_interval_s
             if row and row["t"] is not None:
                 wait = max(0.05, min(wait, row["t"] - time.time()))
@@ -647,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backoff-base", type=float, default=30.0, help="first retry delay in seconds")
     p.add_argument("--backoff-max", type=float, default=3600.0, help="longest retry delay in seconds")
     p.add_argument("--poll-interval", type=float, default=5.0)
+    p.add_argument("--commitment-port", type=int, help="listen here for storage commitment reports")
+    p.add_argument("--commitment-timeout", type=float, default=600.0, help="re-ask for commitment after (s)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -655,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     state = State(storage_dir)
     svc = DeliveryService(state, cfg.destinations, storage_dir, cfg.node.ae_title,
                           backoff=BackoffPolicy(args.backoff_base, args.backoff_max),
-                          poll_interval_s=args.poll_interval)
+                          poll_interval_s=args.poll_interval, commitment_port=args.commitment_port,
+                          commitment_timeout_s=args.commitment_timeout)
     done = threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:

@@ -29,7 +29,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 
 from node.config import DestinationConfig
-from node.delivery import DEAD, FAILED, PENDING, SENT, BackoffPolicy, DeliveryService
+from node.delivery import COMMITTED, DEAD, FAILED, PENDING, SENT, BackoffPolicy, DeliveryService
 from node.state import State
 from tests.support.dcmtk import StoreSCP
 from tests.support.orthanc import Orthanc, free_port
@@ -388,3 +388,37 @@ def test_stow_rs_to_orthanc_dicomweb(tmp_path: Path, storage: Path, state: State
         assert states(state, "web404") == {FAILED: 3}
         assert "HTTP 404" in svc.summary(study)["web404"]["last_error"]
         assert states(state, "webdown") == {PENDING: 3}
+
+
+def test_storage_commitment_with_orthanc(tmp_path: Path, storage: Path, state: State) -> None:
+    """Orthanc answers N-ACTION at once and sends the N-EVENT-REPORT later on its own association to the AE
+    it knows us as; a result counts as delivered only once committed, and an instance the PACS reports as
+    missing is re-sent (same SOP Instance UID) and committed on the next round."""
+    study, files = make_results(storage, 3)
+    commit_port = free_port()
+    peers = {"ainode": {"AET": "AINODE", "Host": "127.0.0.1", "Port": commit_port, "AllowStorageCommitment": True}}
+    with Orthanc(tmp_path / "pacs", aet="PACS", peers=peers) as pacs:
+        plain = service(state, storage, [dicom_dest("pacs", "PACS", pacs.dicom_port)])
+        plain.enqueue(study, "job1", files, ["pacs"])
+        assert plain.run_once() == 3
+        lost = sop_uids(files)[0]
+        victim = next(i for i in pacs.instances() if pacs.instance_tags(i)["SOPInstanceUID"] == lost)
+        requests_delete = __import__("requests").delete
+        assert requests_delete(f"{pacs.http_url}/instances/{victim}", timeout=10).ok
+        assert len(pacs.instances()) == 2
+
+        dest = dicom_dest("pacs", "PACS", pacs.dicom_port, storage_commitment=True)
+        svc = service(state, storage, [dest], commitment_port=commit_port, commitment_timeout_s=30)
+        assert svc.summary(study)["pacs"]["delivered"] is False, "stored is not committed"
+        assert svc.all_pending() == {"pacs": 3}
+        svc.start()
+        try:
+            assert wait_for(lambda: states(state) == {COMMITTED: 3}, 20), (states(state), pacs.log_tail())
+        finally:
+            svc.stop()
+        row = state.one("SELECT attempts FROM deliveries WHERE sop_uid=?", (lost,))
+        assert row["attempts"] == 2, "the instance reported missing was re-sent once"
+        assert pacs.sop_uids(study) == sop_uids(files)
+        s = svc.summary(study)["pacs"]
+        assert s["delivered"] is True and s["counts"][COMMITTED] == 3
+        assert svc.all_pending() == {"pacs": 0}

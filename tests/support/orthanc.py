@@ -93,6 +93,7 @@ class Orthanc:
             "DicomAlwaysAllowEcho": True,
             "DicomModalities": modalities,
             "DicomScuTimeout": 10,
+            "DicomAssociationCloseDelay": 0,  # else its SCU associations (commitment reports) linger 5 s
             "DicomScpTimeout": 30,
             "SaveJobs": False,
             "ConcurrentJobs": 1,
