@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_context, evt
 
 from node.config import DestinationConfig
 from node.delivery import COMMITTED, DEAD, FAILED, PENDING, SENT, BackoffPolicy, DeliveryService
@@ -191,20 +192,24 @@ def test_destination_down_then_back_every_result_arrives_once(tmp_path: Path, st
     study, first = make_results(storage, 2, job_id="job1")
     _, later = make_results(storage, 3, study_uid=study, job_id="job2")
     with Orthanc(tmp_path / "pacs", aet="PACS") as pacs:
-        svc = service(state, storage, [dicom_dest("pacs", "PACS", pacs.dicom_port)])
+        backoff = BackoffPolicy(base_s=0.3, max_s=4.0, jitter=0.3)
+        svc = service(state, storage, [dicom_dest("pacs", "PACS", pacs.dicom_port)], backoff=backoff)
         svc.enqueue(study, "job1", first, ["pacs"])
         assert svc.run_once() == 2
         pacs.stop()
         svc.start()
         try:
             svc.enqueue(study, "job2", later, ["pacs"], priority="stat")
-            time.sleep(8)  # down long enough for several backoff rounds
-            rows = state.query("SELECT attempts, last_error, state FROM deliveries WHERE job_id='job2'")
+            time.sleep(25)  # a real outage: long enough for the backoff to reach its ceiling
+            rows = state.query("SELECT attempts, last_error, state, next_attempt FROM deliveries WHERE job_id='job2'")
             assert all(r["state"] == PENDING for r in rows)
-            assert min(r["attempts"] for r in rows) >= 3, "transient failures must be retried"
-            assert max(r["attempts"] for r in rows) <= 20, "backoff must space the retries out"
+            # 0.3 s doubling to a 4 s ceiling (jitter -30 %) gives ~8-12 attempts in 25 s; a fixed 0.3 s would give ~80
+            assert min(r["attempts"] for r in rows) >= 5, "transient failures must be retried"
+            assert max(r["attempts"] for r in rows) <= 15, "backoff must grow"
+            assert len({r["attempts"] for r in rows}) == 1, "one batch, one association per attempt"
             assert "could not connect" in rows[0]["last_error"]
             assert svc.summary(study)["pacs"]["counts"][PENDING] == 3
+            assert svc.summary(study)["pacs"]["next_attempt"] > time.time() - 1
             pacs.start()
             assert wait_for(lambda: states(state).get(SENT) == 5, 10), states(state)
         finally:
@@ -240,6 +245,34 @@ def test_permanent_rejection_no_retry_storm(storage: Path, state: State) -> None
         assert scp.connections == 1, f"{scp.connections} association attempts after a permanent rejection"
         assert states(state) == {FAILED: 3}
         assert scp.received == []
+        # the operator fixes the called AE title and asks for a retry: same SOP Instance UIDs go out
+        fixed = service(state, storage, [dicom_dest("picky", "RIGHT", scp.port)])
+        assert fixed.retry_failed(destination="picky") == 3
+        assert fixed.run_once() == 3
+        assert sorted(u for u, _, _ in scp.received) == sop_uids(files)
+
+
+def test_unknown_destination_is_shown_not_silently_dropped(storage: Path, state: State) -> None:
+    study, files = make_results(storage, 1)
+    svc = service(state, storage, [])
+    assert svc.enqueue(study, "job1", files, ["nowhere"]) == 1
+    assert svc.run_once() == 0
+    s = svc.summary(study)["nowhere"]
+    assert s["counts"][FAILED] == 1 and "not configured" in s["last_error"]
+
+
+def test_tcp_nodelay_is_set_on_our_socket(storage: Path) -> None:
+    from node.delivery import DimseSender
+
+    with TestSCP() as scp:
+        assoc = DimseSender("AINODE").associate(dicom_dest("scp", "TESTSCP", scp.port),
+                                                [build_context(CTImageStorage)])
+        try:
+            assert assoc.is_established
+            sock = assoc.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            assoc.release()
 
 
 def test_unsupported_sop_class_fails_permanently_others_go(storage: Path, state: State) -> None:
