@@ -455,3 +455,20 @@ def test_storage_commitment_with_orthanc(tmp_path: Path, storage: Path, state: S
         s = svc.summary(study)["pacs"]
         assert s["delivered"] is True and s["counts"][COMMITTED] == 3
         assert svc.all_pending() == {"pacs": 0}
+
+
+def test_rejected_transient_is_retried_until_accepted(storage: Path, state: State) -> None:
+    study, files = make_results(storage, 2)
+    with TestSCP() as scp:
+        scp.ae._maximum_associations = 0  # every association: A-ASSOCIATE-RJ transient, "local limit exceeded"
+        svc = service(state, storage, [dicom_dest("busy", "TESTSCP", scp.port)])
+        svc.enqueue(study, "job1", files, ["busy"])
+        assert svc.run_once() == 0
+        row = state.one("SELECT state, attempts, last_error FROM deliveries LIMIT 1")
+        assert row["state"] == PENDING and "rejected transiently" in row["last_error"], dict(row)
+        assert "Local limit exceeded" in row["last_error"]
+        assert wait_for(lambda: (svc.run_once(), state.one("SELECT MIN(attempts) AS a FROM deliveries")["a"])[1] >= 3,
+                        5)
+        scp.ae._maximum_associations = 10
+        assert wait_for(lambda: (svc.run_once(), states(state))[1] == {SENT: 2}, 5)
+        assert sorted(u for u, _, _ in scp.received) == sop_uids(files)
