@@ -168,9 +168,9 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_end),
-            (evt.EVT_ABORTED, self._on_end),
-            (evt.EVT_CONN_CLOSE, self._on_end),
+            (evt.EVT_RELEASED, lambda event: self._on_end(event, "released")),
+            (evt.EVT_ABORTED, lambda event: self._on_end(event, "aborted")),
+            (evt.EVT_CONN_CLOSE, lambda event: self._on_end(event, "lost")),
         ]
         self.server = self.ae.start_server((self.cfg.node.host, self.cfg.node.port), block=False,
                                            evt_handlers=handlers, ssl_context=tls_context(self.cfg))
@@ -232,7 +232,7 @@ class StorageSCP:
         with self._lock:
             self._assoc_studies[assoc_id] = set()
 
-    def _on_end(self, event: evt.Event) -> None:
+    def _on_end(self, event: evt.Event, how: str) -> None:
         assoc_id = getattr(event.assoc, "ainode_id", None)
         if assoc_id is None:
             return
@@ -240,7 +240,7 @@ class StorageSCP:
             studies = self._assoc_studies.pop(assoc_id, None)
         if studies is None:  # already handled (released, then connection closed)
             return
-        self.state.association_ended(assoc_id)
+        self.state.association_ended(assoc_id, how)
         if self.on_association_end:
             self.on_association_end(sorted(studies))
 

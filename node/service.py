@@ -82,6 +82,8 @@ class Listener:
         removed = self.spool.remove_temp_files()
         closed = self.state.close_open_associations()
         indexed = self.reconcile_spool()
+        # senders could not reach us while we were down: quiet timers start again from now
+        self.state.execute("UPDATE studies SET last_received=? WHERE state='receiving'", (time.time(),))
         if removed or closed or indexed:
             log.info("recovery: %d partial file(s) removed, %d association(s) closed, %d instance(s) re-indexed",
                      removed, closed, indexed)
@@ -149,7 +151,7 @@ class Listener:
         done = []
         for study in self.state.query("SELECT * FROM studies WHERE state='receiving'"):
             series = self.state.study_series(study["study_uid"])
-            reason = completion_reason(study, series, self.state.open_associations(study["study_uid"]),
+            reason = completion_reason(study, series, self.state.released_by_senders(study["study_uid"]),
                                        self.jobs.rule_for(study), now)
             if reason:
                 self.jobs.complete(study["study_uid"], reason)

@@ -50,7 +50,8 @@ CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE TABLE IF NOT EXISTS associations (
     assoc_id TEXT PRIMARY KEY,
     calling_ae TEXT, host TEXT,
-    started REAL, ended REAL
+    started REAL, ended REAL,
+    how TEXT  -- released | aborted | lost: only a released association completes a study
 );
 CREATE TABLE IF NOT EXISTS assoc_studies (
     assoc_id TEXT NOT NULL, study_uid TEXT NOT NULL,
@@ -151,7 +152,8 @@ class State:
             c.execute(
                 "INSERT INTO series(series_uid, study_uid, modality, sop_class_uid, expected, n_instances, tags,"
                 " first_received, last_received) VALUES (?,?,?,?,?,1,?,?,?)"
-                " ON CONFLICT(series_uid) DO UPDATE SET n_instances=n_instances+1, last_received=excluded.last_received,"
+                " ON CONFLICT(series_uid) DO UPDATE SET n_instances=n_instances+1,"
+                " last_received=excluded.last_received,"
                 " expected=COALESCE(excluded.expected, series.expected)",
                 (series_uid, study_uid, modality, sop_class_uid, expected, json.dumps(series_tags, default=str),
                  now, now))
@@ -168,12 +170,13 @@ class State:
         self.execute("INSERT OR REPLACE INTO associations(assoc_id, calling_ae, host, started) VALUES (?,?,?,?)",
                      (assoc_id, calling_ae, host, time.time()))
 
-    def association_ended(self, assoc_id: str) -> None:
-        self.execute("UPDATE associations SET ended=? WHERE assoc_id=?", (time.time(), assoc_id))
+    def association_ended(self, assoc_id: str, how: str = "released") -> None:
+        self.execute("UPDATE associations SET ended=?, how=? WHERE assoc_id=?", (time.time(), how, assoc_id))
 
     def close_open_associations(self) -> int:
-        """After a crash no association survives: mark them ended so release-completion can proceed."""
-        return self.execute("UPDATE associations SET ended=? WHERE ended IS NULL", (time.time(),))
+        """After a crash no association survives. They are marked lost, not released: a study cut off
+        mid-transfer keeps waiting for the resend (or its quiet / max-wait timers)."""
+        return self.execute("UPDATE associations SET ended=?, how='lost' WHERE ended IS NULL", (time.time(),))
 
     def study_instances(self, study_uid: str) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM instances WHERE study_uid=? ORDER BY series_uid, path", (study_uid,))
@@ -185,3 +188,9 @@ class State:
         row = self.one("SELECT COUNT(*) AS n FROM assoc_studies s JOIN associations a USING(assoc_id)"
                        " WHERE s.study_uid=? AND a.ended IS NULL", (study_uid,))
         return int(row["n"]) if row else 0
+
+    def released_by_senders(self, study_uid: str) -> bool:
+        """True when no association that sent to the study is open and the last one ended by A-RELEASE."""
+        rows = self.query("SELECT a.ended, a.how FROM assoc_studies s JOIN associations a USING(assoc_id)"
+                          " WHERE s.study_uid=? ORDER BY a.started DESC", (study_uid,))
+        return bool(rows) and all(r["ended"] is not None for r in rows) and rows[0]["how"] == "released"
