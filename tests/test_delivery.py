@@ -472,3 +472,69 @@ def test_rejected_transient_is_retried_until_accepted(storage: Path, state: Stat
         scp.ae._maximum_associations = 10
         assert wait_for(lambda: (svc.run_once(), states(state))[1] == {SENT: 2}, 5)
         assert sorted(u for u, _, _ in scp.received) == sop_uids(files)
+
+
+def _tls_files(d: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+             issuer_key: ec.EllipticCurvePrivateKey, ca: bool, san: x509.GeneralName | None = None) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san is not None:
+            b = b.add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    out: dict[str, Path] = {}
+
+    def write(name: str, obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> None:
+        p = d / name
+        if isinstance(obj, x509.Certificate):
+            p.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
+        else:
+            p.write_bytes(obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+        out[name] = p
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = cert("test CA", ca_key, None, ca_key, True)
+    srv_key, cli_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    write("ca.crt", ca)
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    write("server.crt", cert("localhost", srv_key, ca, ca_key, False, loopback))
+    write("server.key", srv_key)
+    write("client.crt", cert("AINODE", cli_key, ca, ca_key, False))
+    write("client.key", cli_key)
+    return out
+
+
+def test_dicom_tls_to_orthanc(tmp_path: Path, storage: Path, state: State) -> None:
+    from node.config import TLSConfig
+
+    pem = _tls_files(tmp_path / "pki")
+    study, files = make_results(storage, 2)
+    tls_cfg = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(pem["server.crt"]),
+               "DicomTlsPrivateKey": str(pem["server.key"]), "DicomTlsTrustedCertificates": str(pem["ca.crt"]),
+               "DicomTlsRemoteCertificateRequired": True}
+    with Orthanc(tmp_path / "pacs", aet="PACS", extra=tls_cfg) as pacs:
+        tls = TLSConfig(cert=pem["client.crt"], key=pem["client.key"], ca=pem["ca.crt"])
+        svc = service(state, storage, [dicom_dest("tls", "PACS", pacs.dicom_port, tls=tls),
+                                       dicom_dest("plain", "PACS", pacs.dicom_port)])
+        svc.enqueue(study, "job1", files, ["tls", "plain"])
+        assert svc.run_once() == 2
+        assert states(state, "tls") == {SENT: 2}
+        assert states(state, "plain") == {PENDING: 2}, "a TLS-only PACS must not take plain DICOM"
+        assert pacs.sop_uids(study) == sop_uids(files)
