@@ -226,7 +226,20 @@ def association_failure(assoc: Association, dest: DestinationConfig) -> Outcome:
                                     f"{', '.join(UID(c).name for c in classes)})")
     if assoc.is_aborted and getattr(assoc, "ainode_connected", False):
         return Outcome("transient", f"association with {where} aborted during negotiation")
-    return Outcome("transient", f"could not connect to {where} (refused, unreachable or timed out)")
+    return Outcome("transient", f"could not connect to {where}: {_probe(dest)}")
+
+
+def _probe(dest: DestinationConfig, timeout: float = 3.0) -> str:
+    """pynetdicom only logs why connect() failed; one plain TCP probe recovers the reason for the status page
+    (refused, timed out, no route) or shows that TCP works and the TLS handshake was the problem."""
+    try:
+        with socket.create_connection((str(dest.host), int(dest.port or 104)), timeout=timeout):
+            pass
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            return "timed out"
+        return exc.strerror or type(exc).__name__
+    return "TLS handshake failed" if dest.tls else "connection closed before the association was negotiated"
 
 
 @dataclass
