@@ -157,6 +157,11 @@ class Sender(Protocol):
         ...
 
 
+def wants_commitment(dest: DestinationConfig) -> bool:
+    """Storage commitment is a DIMSE service; for STOW-RS the HTTP response is the commitment we get."""
+    return dest.storage_commitment and dest.kind == "dicom"
+
+
 def _all(items: Iterable[Item], outcome: Outcome) -> dict[int, Outcome]:
     return {it.id: outcome for it in items}
 
@@ -390,7 +395,11 @@ class StowSender:
         from dicomweb_client.api import DICOMwebClient
 
         headers = {"Authorization": f"Bearer {dest.bearer_token}"} if dest.bearer_token else None
-        client = DICOMwebClient(url=str(dest.url).rstrip("/"), headers=headers, timeout=self.timeout)
+        session = requests.Session()
+        if dest.tls:  # HTTPS with a client certificate, verified against the configured CA
+            session.cert = (str(dest.tls.cert), str(dest.tls.key))
+            session.verify = str(dest.tls.ca) if dest.tls.ca else True
+        client = DICOMwebClient(url=str(dest.url).rstrip("/"), session=session, headers=headers, timeout=self.timeout)
         client.set_http_retry_params(retry=False)  # our schedule, not theirs, survives restarts
         out: dict[int, Outcome] = {}
         by_study: dict[str, list[Item]] = defaultdict(list)
@@ -467,7 +476,7 @@ class DeliveryService:
 
     def _due_clause(self) -> tuple[str, tuple[Any, ...]]:
         """Rows the loop must look at: pending ones, and stored-but-uncommitted ones where commitment is wanted."""
-        commit = [d.name for d in self.destinations.values() if d.storage_commitment and d.kind == "dicom"]
+        commit = [d.name for d in self.destinations.values() if wants_commitment(d)]
         marks = ",".join("?" * len(commit))
         if not commit:
             return "state=?", (PENDING,)
@@ -582,7 +591,7 @@ class DeliveryService:
             sent += self._record(dest, items, outcomes)
             if not any(o.kind == "sent" for o in outcomes.values()):
                 break  # destination unreachable or refusing: do not open another association now
-        if dest.storage_commitment and dest.kind == "dicom" and not self._stop.is_set():
+        if wants_commitment(dest) and not self._stop.is_set():
             self._request_commitments(dest)
         return sent
 
@@ -802,7 +811,7 @@ class DeliveryService:
             out[r["destination"]]["last_error"] = r["last_error"]
         for name, d in out.items():
             dest = self.destinations.get(name)
-            done = d["counts"][COMMITTED] if dest and dest.storage_commitment else d["counts"][SENT]
+            done = d["counts"][COMMITTED] if dest and wants_commitment(dest) else d["counts"][SENT]
             d["delivered"] = done == sum(d["counts"].values())
         return out
 
@@ -812,7 +821,7 @@ class DeliveryService:
         for r in self.state.query("SELECT destination, state, COUNT(*) AS n FROM deliveries WHERE state IN (?, ?)"
                                   " GROUP BY destination, state", (PENDING, SENT)):
             dest = self.destinations.get(r["destination"])
-            if r["state"] == PENDING or (dest is not None and dest.storage_commitment):
+            if r["state"] == PENDING or (dest is not None and wants_commitment(dest)):
                 out[r["destination"]] = out.get(r["destination"], 0) + r["n"]
         return out
 

@@ -538,3 +538,43 @@ def test_dicom_tls_to_orthanc(tmp_path: Path, storage: Path, state: State) -> No
         assert states(state, "tls") == {SENT: 2}
         assert states(state, "plain") == {PENDING: 2}, "a TLS-only PACS must not take plain DICOM"
         assert pacs.sop_uids(study) == sop_uids(files)
+
+
+def test_stow_rs_sends_bearer_token_and_classifies_http_status(storage: Path, state: State) -> None:
+    """Orthanc ignores bearer tokens, so a small HTTP server stands in for a token-checking gateway."""
+    import http.server
+
+    seen: list[str | None] = []
+    answers = iter([503, 200])  # first POST: service unavailable (retry), then accepted
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(self.headers.get("Authorization"))
+            token_ok = self.headers.get("Authorization") == "Bearer t0ken"
+            code = next(answers, 200) if token_ok else 401
+            body = b"{}" if code == 200 else b""
+            self.send_response(code)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/dicom-web"
+        study, files = make_results(storage, 2)
+        svc = service(state, storage, [DestinationConfig(name="gw", kind="dicomweb", url=url, bearer_token="t0ken"),
+                                       DestinationConfig(name="bad", kind="dicomweb", url=url, bearer_token="nope")])
+        svc.enqueue(study, "job1", files, ["gw", "bad"])
+        assert svc.run_once() == 0
+        assert states(state, "gw") == {PENDING: 2} and "HTTP 503" in svc.summary(study)["gw"]["last_error"]
+        assert states(state, "bad") == {FAILED: 2} and "HTTP 401" in svc.summary(study)["bad"]["last_error"]
+        assert wait_for(lambda: (svc.run_once(), states(state, "gw"))[1] == {SENT: 2}, 5)
+        assert seen.count("Bearer t0ken") == 2 and seen.count("Bearer nope") == 1
+    finally:
+        srv.shutdown()
