@@ -185,6 +185,9 @@ def checkpoint_state(path: str | Path, fmt: str) -> dict[str, Any]:
         obj = obj["model"]
     elif isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and not hasattr(obj["model"], "shape"):
+        raise ImportFailed("this looks like a reproduce-chexnet checkpoint (a dict with the model under 'model'); "
+                           "is --format torchxrayvision right? try --format chexnet")
     return normalise_keys(module_tensors(obj))
 
 
@@ -226,7 +229,7 @@ def export_onnx(net: Any, path: Path, in_channels: int, size: int = 224) -> None
     tmp.replace(path)
 
 
-def parity(net: Any, onnx_path: Path, in_channels: int, size: int = 224, n: int = 4, seed: int = 0,
+def parity(net: Any, onnx_path: Path, in_channels: int, size: int = 224, n: int = 2, seed: int = 0,
            value_range: tuple[float, float] = (-1024.0, 1024.0)) -> float:
     """Max |torch - ONNX| over probabilities and CAM-derived logits on random inputs in the model's range."""
     import onnxruntime as ort

@@ -11,9 +11,13 @@ central third); below ``min_symmetry`` (default 0.70; the RG1 PA plate scores 0.
 treated as lateral. Portrait or near-square aspect ratios (0.6-1.7) are required of frontal views
 too. This misjudges severely rotated or scoliotic frontals; the tag, when present, always wins.
 
-Chest check without a chest BodyPartExamined: on a frontal chest the two lung fields (left and right
-of centre, upper-middle height) are darker than the mediastinum/spine column between them. Images
-where that contrast is absent are refused as "not a chest radiograph".
+Chest check without a chest BodyPartExamined (documented heuristic, on the image at MONOCHROME2
+polarity): on a frontal chest (1) the two lung fields (left and right of centre, upper-middle height)
+are darker than the mediastinum/spine column between them by ``min_lung_contrast``, (2) each lung
+field lies in the darker half of the image (mean percentile rank <= 0.45), and (3) the
+subdiaphragmatic band at the bottom is brighter than the lungs. The RG1 PA plate scores contrast
+0.24, ranks 0.26/0.22, band +0.25; a head CT slice relabelled DX scores 0.09, 0.64/0.73, 0.00 and is
+refused; so is the same chest with its polarity wrong.
 """
 
 from __future__ import annotations
@@ -152,17 +156,36 @@ def classify_view(header: Any, display: np.ndarray, min_symmetry: float) -> tupl
     return "FRONTAL", f"image heuristic (left-right symmetry {sym:.2f})"
 
 
+def chest_likeness(display: np.ndarray) -> dict[str, float]:
+    """The three numbers the chest heuristic uses (see the module docstring)."""
+    s = _small(display)
+    n = s.shape[0]
+    rows = slice(int(0.25 * n), int(0.65 * n))
+    left = s[rows, int(0.15 * n): int(0.38 * n)]
+    right = s[rows, int(0.62 * n): int(0.85 * n)]
+    flat = np.sort(s.ravel())
+
+    def rank(a: np.ndarray) -> float:
+        return float(np.searchsorted(flat, a.ravel()).mean() / flat.size)
+
+    band = s[int(0.8 * n): int(0.95 * n), int(0.3 * n): int(0.7 * n)]
+    return {"contrast": lung_contrast(display), "rank_left": rank(left), "rank_right": rank(right),
+            "below_diaphragm": float(band.mean() - 0.5 * (left.mean() + right.mean()))}
+
+
 def check_body_part(header: Any, display: np.ndarray, min_lung_contrast: float) -> str:
     bp = _tag(header, "BodyPartExamined")
     if bp:
         if any(k in bp for k in CHEST_BODY_PARTS):
             return f"BodyPartExamined {bp}"
         raise ImageRefused(f"BodyPartExamined is {bp!r}, not chest; this pipeline reads chest radiographs only")
-    c = lung_contrast(display)
-    if c < min_lung_contrast:
-        raise ImageRefused(f"no BodyPartExamined and the image does not look like a frontal chest radiograph "
-                           f"(lung fields not darker than mediastinum: contrast {c:.3f} < {min_lung_contrast})")
-    return f"image heuristic (lung contrast {c:.3f})"
+    f = chest_likeness(display)
+    desc = (f"lung/mediastinum contrast {f['contrast']:.2f}, lung ranks {f['rank_left']:.2f}/{f['rank_right']:.2f}, "
+            f"below-diaphragm {f['below_diaphragm']:+.2f}")
+    if f["contrast"] < min_lung_contrast or max(f["rank_left"], f["rank_right"]) > 0.45 \
+            or f["below_diaphragm"] < min_lung_contrast:
+        raise ImageRefused(f"no BodyPartExamined and the image does not look like a frontal chest radiograph ({desc})")
+    return f"image heuristic ({desc})"
 
 
 def to_model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np.ndarray, Geometry]:
@@ -198,7 +221,7 @@ def to_model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np
 
 def prepare(pixels: np.ndarray, header: Any, photometric: str, window_hint: tuple[float, float] | None,
             spec: InputSpec, *, min_size: int = 256, min_symmetry: float = 0.70,
-            min_lung_contrast: float = 0.02) -> Prepared:
+            min_lung_contrast: float = 0.05) -> Prepared:
     """One 2D image -> model tensor, or ImageRefused with the reason."""
     if pixels.ndim != 2:
         raise ImageRefused(f"expected one greyscale frame; got array of shape {pixels.shape}")

@@ -9,9 +9,11 @@ importer must then read the files without them, as it will on a hospital's worke
 from __future__ import annotations
 
 import sys
+import tempfile
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines.cxr import densenet as dn
@@ -39,8 +41,12 @@ def _drop_modules(root: str) -> None:
 
 
 def random_densenet(num_classes: int, in_channels: int, sigmoid_head: bool, value_range: tuple[float, float],
-                    seed: int = 0) -> dn.DenseNet121:
-    """Random weights with BatchNorm statistics taken from inputs in the model's range, so outputs are not saturated."""
+                    seed: int = 0, calibration: np.ndarray | None = None) -> dn.DenseNet121:
+    """Random weights with BatchNorm statistics taken from realistic inputs, so outputs are not saturated.
+
+    ``calibration`` (N, C, 224, 224) is typically the real radiograph as the pipeline prepares it,
+    mixed into random inputs in the model's value range.
+    """
     torch.manual_seed(seed)
     net = dn.DenseNet121(num_classes, in_channels=in_channels, sigmoid_head=sigmoid_head)
     for m in net.modules():
@@ -49,11 +55,52 @@ def random_densenet(num_classes: int, in_channels: int, sigmoid_head: bool, valu
     lo, hi = value_range
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(4, in_channels, 224, 224, generator=g) * (hi - lo) + lo
+    if calibration is not None:
+        x = torch.cat([x, torch.from_numpy(np.asarray(calibration, np.float32))])
     net.train()
     with torch.no_grad():
         net(x)
-        net.linear.weight.mul_(4.0)  # spread the logits so some labels land high and some low
     return net.eval()
+
+
+_CACHE: dict[str, Path] = {}
+
+
+def _rg1_tensor(channels: int, kind: str) -> np.ndarray:
+    from pydicom.data import get_testdata_file
+
+    from node.loader import load_study
+    from pipelines.cxr.preprocess import prepare
+    from pipelines.models import InputSpec, Normalisation
+
+    norm = Normalisation(kind="xrv", range=(-1024.0, 1024.0)) if kind == "xrv" else Normalisation(
+        kind="imagenet", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    s = load_study([get_testdata_file("RG1_UNCR.dcm")]).series[0]
+    p = prepare(s.pixels[0], s.headers[0], s.photometric, s.window, InputSpec(channels=channels, normalisation=norm))
+    return p.tensor[None]
+
+
+def imported_model(fmt: str) -> Path:
+    """Build, save in the project's own format, and import a random model once per test process.
+
+    Returns the model directory (model.onnx + manifest.yaml, verified false). Callers copy it before
+    editing anything.
+    """
+    if fmt in _CACHE:
+        return _CACHE[fmt]
+    from node.weights import import_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix=f"ainode-{fmt}-"))
+    if fmt == "torchxrayvision":
+        net = random_densenet(18, 1, False, (-1024, 1024), calibration=_rg1_tensor(1, "xrv"))
+        ckpt = save_xrv_checkpoint(net, root / "xrv.pt")
+    else:
+        net = random_densenet(14, 3, True, (-2.1, 2.6), calibration=_rg1_tensor(3, "imagenet"))
+        ckpt = save_chexnet_checkpoint(net, root / "checkpoint")
+    out = root / "model"
+    import_checkpoint(fmt, ckpt, out)
+    _CACHE[fmt] = out
+    return out
 
 
 def save_xrv_checkpoint(net: dn.DenseNet121, path: Path) -> Path:
