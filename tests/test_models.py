@@ -11,8 +11,17 @@ from onnx import TensorProto, helper
 
 from pipelines.base import ModelUnavailable
 from pipelines.models import (
-    InputSpec, LabelThreshold, Manifest, Normalisation, band, clear_cache, load_manifest, load_model,
-    select_providers, sha256_file, write_manifest,
+    InputSpec,
+    LabelThreshold,
+    Manifest,
+    Normalisation,
+    band,
+    clear_cache,
+    load_manifest,
+    load_model,
+    select_providers,
+    sha256_file,
+    write_manifest,
 )
 
 
