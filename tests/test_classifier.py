@@ -259,7 +259,7 @@ def test_scores_key_slices_and_measurements_match_direct_inference(series_dir, t
     assert any_f.probability == pytest.approx(float(direct[:, 0].max()), abs=1e-5)
     assert any_f.key_images == top3 and result.key_images == top3
     probs = {(m.region.image.sop_instance_uid): m.value for m in result.measurements
-             if m.label.startswith("Intracranial haemorrhage")}
+             if m.group.startswith("Intracranial haemorrhage")}
     assert len(probs) == 3
     for ref in top3:
         i = frames.index(ref)

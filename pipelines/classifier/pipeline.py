@@ -203,7 +203,7 @@ class ClassifierPipeline(Pipeline):
                     name = f"{display}, slice {sc.slice_number(i)}"
                     measurements.append(Measurement(
                         code=PROBABILITY, value=float(sc.probs[i, j]), unit=UCUM_RATIO, group=name,
-                        label=f"{display} probability", region=_whole_slice(ref, rows, cols, name),
+                        label="Probability", region=_whole_slice(ref, rows, cols, name),
                         series_uid=ref.series_uid))
 
         # lead with the most urgent finding: critical, then present, then possible, then the primary label
