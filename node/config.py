@@ -186,7 +186,10 @@ _HINTS = {
 def _pydantic_problems(err: ValidationError) -> list[Problem]:
     out = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = ""
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        path = path or "(top level)"
         msg = _HINTS.get(e["type"], e["msg"].removeprefix("Value error, "))
         if e["type"] not in _HINTS and "input" in e and e["type"].endswith(("_type", "_parsing")):
             msg = f"{msg} (got {e['input']!r})"
