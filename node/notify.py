@@ -22,6 +22,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -154,6 +155,9 @@ class NotifyConfig(_Strict):
     channels: list[ChannelConfig] = []
     #: How often the background thread looks for due retries when nothing wakes it.
     poll_interval_s: float = Field(2.0, gt=0, le=300)
+    #: ``study``: one notification per study, finding and model, however often the study is re-processed;
+    #: ``job``: one per processing job (a re-sent series pages again).
+    dedupe: Literal["study", "job"] = "study"
 
     @model_validator(mode="after")
     def _unique(self) -> NotifyConfig:
@@ -190,12 +194,13 @@ class CriticalEvent:
     pipeline: str = ""
     job_id: str = ""
 
-    @property
-    def event_id(self) -> str:
-        """Stable across re-notification of the same job, so recording twice sends once."""
-        key = "|".join([self.job_id or self.study_uid, self.code.scheme, self.code.value, self.model_name,
-                        self.model_version, ",".join(sorted(self.series_uids))])
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
+    def key(self, per_job: bool = False) -> str:
+        """The event id: one notification per (study, finding, model) by default, so a re-sent series
+        that reproduces the same critical finding does not page anyone twice; ``per_job`` gives one per job."""
+        parts = [self.study_uid, self.code.scheme, self.code.value, self.model_name]
+        if per_job:
+            parts += [self.job_id, self.model_version, ",".join(sorted(self.series_uids))]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -426,6 +431,7 @@ class Notifier:
                  poll_interval_s: float | None = None, max_workers: int = 4, rng: random.Random | None = None):
         cfg = channels if isinstance(channels, NotifyConfig) else NotifyConfig(channels=list(channels))
         self.enabled = cfg.enabled
+        self.per_job = cfg.dedupe == "job"
         self.channels = {c.name: c for c in cfg.channels}
         self.poll_interval_s = poll_interval_s if poll_interval_s is not None else cfg.poll_interval_s
         self.state = state
@@ -442,7 +448,7 @@ class Notifier:
     # ------------------------------------------------------------------ recording
     def record(self, event: CriticalEvent) -> str:
         """Write the event and one pending delivery per enabled channel; returns the event id. Idempotent."""
-        event_id = event.event_id
+        event_id = event.key(self.per_job)
         now = time.time()
         with self.state.tx() as c:
             new = c.execute("INSERT OR IGNORE INTO notify_events(event_id, study_uid, finding, payload, created)"
@@ -463,6 +469,46 @@ class Notifier:
         log.info("critical event %s recorded: study %s, finding %r, %d channel(s)", event_id, event.study_uid,
                  event.finding, len(self.channels))
         return event_id
+
+    def notify_job(self, job: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+        """Listener hook for a finished job whose summary says critical: load its result, build events, notify.
+
+        Study facts come from the state database and one spooled header (patient ID/name are read here,
+        in the listener, and go only to HL7 channels). Returns the event ids (empty when nothing is critical).
+        """
+        from pipelines.base import PipelineResult
+
+        study_uid = str(job["study_uid"])
+        result_dir = job.get("result_dir") or summary.get("result_dir")
+        if not result_dir:
+            log.error("critical job %s has no result directory; cannot notify", job.get("job_id"))
+            return []
+        result = PipelineResult.load(result_dir)
+        tags = self.study_tags(study_uid)
+        row = self.state.one("SELECT first_received, completed FROM studies WHERE study_uid=?", (study_uid,))
+        times = {"received": row["first_received"] if row else None, "completed": row["completed"] if row else None,
+                 "detected": summary.get("finished") or time.time(), "job_id": job.get("job_id") or ""}
+        return [self.notify(e) for e in events_from_result(result, tags, times)]
+
+    def study_tags(self, study_uid: str) -> dict[str, Any]:
+        """Study and patient attributes from the first spooled instance, plus the study's series UIDs."""
+        import pydicom
+
+        tags: dict[str, Any] = {"StudyInstanceUID": study_uid,
+                                "SeriesInstanceUIDs": [r["series_uid"] for r in self.state.study_series(study_uid)]}
+        for inst in self.state.study_instances(study_uid)[:3]:
+            try:
+                ds = pydicom.dcmread(inst["path"], stop_before_pixels=True)
+            except Exception as exc:  # a vanished or unreadable file: try the next one
+                log.debug("cannot read %s for notification tags: %s", inst["path"], exc)
+                continue
+            for kw in ("AccessionNumber", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                       "IssuerOfPatientID", "StudyDate", "StudyTime"):
+                value = ds.get(kw)
+                if value not in (None, ""):
+                    tags[kw] = str(value)
+            break
+        return tags
 
     def notify(self, event: CriticalEvent) -> str:
         """Record and start delivering in the background; returns at once with the event id."""

@@ -416,3 +416,53 @@ def test_channels_are_independent_and_restart_resumes(state: State, hook: _Hook,
         rows = _wait_state(again, ev.study_uid, "sent")
         assert len(rx.messages) == 1 and len(hook.requests) == 1
         assert {r["channel"] for r in rows} == {"pager", "ris"}
+
+
+def test_one_notification_per_study_finding_unless_per_job(state: State, hook: _Hook) -> None:
+    url = f"http://127.0.0.1:{hook.server_port}/"
+    first, rerun = _event(), _event()  # same study and finding, different jobs (a re-sent series)
+    assert first.job_id != rerun.job_id
+    notifier = Notifier(state, [_webhook(url)])
+    assert notifier.record(first) == notifier.record(rerun)
+    assert len(notifier.log(first.study_uid)) == 1
+    per_job = Notifier(state, NotifyConfig(channels=[_webhook(url, name="per-job")], dedupe="job"))
+    assert per_job.record(first) != per_job.record(rerun)
+
+
+def test_notify_job_reads_result_and_study_facts(state: State, tmp_path) -> None:
+    """The listener hook: job row + summary in, ORU out with the patient from the spooled header."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = KEY.sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = KEY.sop_instance_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_TAGS["StudyInstanceUID"], KEY.series_uid
+    ds.Modality, ds.PatientID, ds.PatientName = "CT", "MRN-555", "Roe^Richard"
+    ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "ACC-777", "20261123", "080000"
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    state.record_instance(study_uid=ds.StudyInstanceUID, series_uid=KEY.series_uid, sop_uid=KEY.sop_instance_uid,
+                          path=str(path), size=path.stat().st_size, calling_ae="CT1", assoc_id="a1", modality="CT",
+                          sop_class_uid=KEY.sop_class_uid, expected=None, series_tags={})
+    completed = time.time() - 12
+    state.execute("UPDATE studies SET completed=? WHERE study_uid=?", (completed, ds.StudyInstanceUID))
+    result_dir = tmp_path / "results" / "job-1"
+    _result().save(result_dir)
+    with MLLPListener() as rx:
+        notifier = Notifier(state, [_hl7(rx.port)])
+        ids = notifier.notify_job({"job_id": "job-1", "study_uid": ds.StudyInstanceUID, "result_dir": str(result_dir)},
+                                  {"critical": True, "finished": time.time() - 2})
+        assert len(ids) == 1
+        [msg] = rx.wait_for(1)
+        [row] = _wait_state(notifier, ds.StudyInstanceUID, "sent")
+    assert _f(msg.segment("PID"), 3) == "MRN-555" and _f(msg.segment("PID"), 5) == "Roe"
+    assert _f(msg.segment("OBR"), 3) == "ACC-777" and _f(msg.segment("OBR"), 7) == "20261123080000"
+    assert 12 <= row["latency_s"] < 30
+    assert notifier.notify_job({"job_id": "job-2", "study_uid": ds.StudyInstanceUID, "result_dir": str(result_dir)},
+                               {"critical": True}) == ids  # same study and finding: not sent again
+    _result(critical=False).save(tmp_path / "results" / "job-3")
+    assert notifier.notify_job({"job_id": "job-3", "study_uid": ds.StudyInstanceUID,
+                                "result_dir": str(tmp_path / "results" / "job-3")}, {}) == []
