@@ -54,7 +54,7 @@ MENTIONS: dict[str, list[str]] = {
     "Atelectasis": [r"atelecta\w*", r"(?:lobar|segmental|lung|lobe) collapse", r"collapse of the \w+ (?:lobe|lung)",
                     r"volume loss"],
     "Pneumothorax": [r"pneumothora\w*", r"pneumothoraces"],
-    "Pleural Effusion": [r"effusions?", r"pleural fluid", r"hydrothorax", r"blunt\w* (?:of )?(?:the )?"
+    "Pleural Effusion": [r"(?<!pericardial )effusions?", r"pleural fluid", r"hydrothorax", r"blunt\w* (?:of )?(?:the )?"
                          r"(?:\w+ )?costophrenic", r"costophrenic (?:angle )?blunting"],
     "Pleural Other": [r"pleural (?:thickening|plaques?|scar\w*|calcification)", r"thicken\w* (?:of )?(?:the )?pleura",
                       r"fibrothorax"],
@@ -87,12 +87,13 @@ NORMALS: dict[str, list[str]] = {
 NEG_PRE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|rule out|ruled out|resolution of|"
                      r"clear of|nor|neither|removal of|removed)\b")
 NEG_POST = re.compile(r"^(?:\W*\w+){0,3}?\W*(?:(?:is|are|was|were|has been|have been)\s+)?"
-                      r"(?:not (?:seen|identified|present|evident|appreciated|visuali[sz]ed|demonstrated|noted)|"
+                      r"(?:(?:does |do |may )?not (?:be )?(?:well[- ])?(?:seen|identified|present|evident|appreciated|"
+                      r"visuali[sz]ed|demonstrated|noted|appear)|"
                       r"(?:has |have )?resolved|no longer|absent|removed|negative)\b")
 UNC_PRE = re.compile(r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|question of|"
                      r"questioned|suspicious|suspected|suspect|concern|concerning|cannot exclude|can't exclude|"
                      r"not exclude|differential|versus|vs|suggest\w*|equivocal|borderline|consider|presumed|"
-                     r"compatible with|consistent with|represent\w*|indeterminate)\b")
+                     r"compatible with|consistent with|represent\w*|indeterminate|evaluat\w* for|assess\w* for)\b")
 UNC_POST = re.compile(r"^(?:\W*\w+){0,4}?\W*(?:cannot be (?:excluded|ruled out)|can't be (?:excluded|ruled out)|"
                       r"not (?:be )?(?:excluded|ruled out)|is (?:suspected|possible|questioned|likely|not excluded)|"
                       r"are (?:suspected|possible|likely)|\?)")
