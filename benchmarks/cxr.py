@@ -1,0 +1,73 @@
+"""DenseNet-121 at 224x224 on CPU: ONNX Runtime (as the node runs it) vs PyTorch eager, same weights.
+
+    pip install torch==2.13.0     # CPU wheel
+    python benchmarks/cxr.py [--batch 1] [--seconds 10] [--threads N]
+
+Random weights: speed does not depend on the values. Prints images/s for both and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _rate(fn, batch: int, seconds: float) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+
+    from node.weights import export_onnx
+    from pipelines.cxr.densenet import DenseNet121
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = DenseNet121(18, in_channels=1).eval()
+    x = np.random.default_rng(0).uniform(-1024, 1024, (args.batch, 1, 224, 224)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(net, path, 1)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        ort_rate = _rate(lambda: sess.run(["probabilities"], {"image": x}), args.batch, args.seconds)
+    xt = torch.from_numpy(x)
+
+    def eager() -> None:
+        with torch.inference_mode():
+            torch.sigmoid(net(xt))
+
+    torch_rate = _rate(eager, args.batch, args.seconds)
+    print(f"DenseNet-121 224x224, batch {args.batch}, {args.threads} threads, CPU "
+          f"(onnxruntime {ort.__version__}, torch {torch.__version__})")
+    print(f"ONNX Runtime   : {ort_rate:7.2f} img/s")
+    print(f"PyTorch eager  : {torch_rate:7.2f} img/s")
+    print(f"ratio ORT/torch: {ort_rate / torch_rate:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
