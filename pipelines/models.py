@@ -249,8 +249,18 @@ def load_model(model: str | Path, *, weights_dir: str | Path | None = None, allo
     manifest_path = resolve_manifest(model, weights_dir)
     if not manifest_path.is_file():
         raise ModelUnavailable(f"model {model!s}: no manifest at {manifest_path}")
-    manifest = load_manifest(manifest_path)
-    onnx_path = (manifest_path.parent / manifest.file).resolve()
+    return load_runner(load_manifest(manifest_path), manifest_path.parent, allow_unverified=allow_unverified,
+                       providers=providers, intra_op_threads=intra_op_threads)
+
+
+def load_runner(manifest: Manifest, base_dir: str | Path, *, allow_unverified: bool = False,
+                providers: list[str] | tuple[str, ...] | None = None, intra_op_threads: int | None = None
+                ) -> ModelRunner:
+    """``load_model`` for a manifest already parsed (e.g. split off a larger pipeline-specific file).
+
+    ``manifest.file`` is resolved against ``base_dir``; the same hash and verified rules apply.
+    """
+    onnx_path = (Path(base_dir) / manifest.file).resolve()
     if not onnx_path.is_file():
         raise ModelUnavailable(f"model {manifest.name}: weights file {onnx_path} is missing; "
                                "import it with `ainode weights import` (see README)")
