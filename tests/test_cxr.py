@@ -344,3 +344,44 @@ def test_llm_text_that_omits_a_finding_is_flagged(model_dir, chat_server):
     assert any("report/classifier mismatch" in w for w in r.warnings)
     assert "Automated consistency check" in r.narrative["en"].findings
     assert "自动一致性核查" in r.narrative["zh"].findings
+
+
+def test_pa_and_lateral_study_reads_the_pa_and_says_so(model_dir, tmp_path, rg1_result):
+    from pydicom.uid import generate_uid
+
+    lat = _variant(tmp_path, ViewPosition="LL", SeriesInstanceUID=generate_uid(), SOPInstanceUID=generate_uid(),
+                   SeriesNumber=2)
+    r = CXRPipeline({}).run(load_study([get_testdata_file(RG1), lat], options=_opts(model_dir)))
+    assert r.status == "ok" and len(r.key_images) == 1
+    assert r.key_images[0].sop_instance_uid == rg1_result.key_images[0].sop_instance_uid
+    assert any("images not analysed" in w and "lateral view" in w for w in r.warnings)
+
+
+def test_windowing_voi_lut_window_and_percentiles():
+    from pydicom.dataset import Dataset
+
+    from pipelines.cxr.preprocess import window
+
+    px = np.linspace(0, 4095, 64 * 64, dtype=np.float32).reshape(64, 64)
+    ds = Dataset()
+    out, how = window(px, ds, None)
+    assert how.startswith("percentile") and out.min() == 0 and out.max() == 1
+    ds.WindowCenter, ds.WindowWidth = 2048, 2048
+    out, how = window(px, ds, None)
+    assert how == "window C2048/W2048" and out[0, 0] == 0 and out[-1, -1] == 1 and 0.45 < out[32, 0] < 0.55
+    # a window that misses the data is a bad header, not a choice: fall back to percentiles
+    ds.WindowCenter, ds.WindowWidth = 90000, 10
+    assert window(px, ds, None)[1].startswith("percentile")
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.LUTData = list((np.sqrt(np.arange(4096) / 4095) * 65535).astype(int))
+    ds.VOILUTSequence = [lut]
+    out, how = window(px.astype(np.uint16), ds, None)
+    assert how == "VOI LUT" and out[32, 0] > 0.6  # the square-root LUT brightens the mid-tones
+
+
+def test_api_key_from_environment(model_dir, chat_server, monkeypatch):
+    monkeypatch.setenv("AINODE_TEST_LLM_KEY", "from-env")
+    opts = _llm_opts(model_dir, chat_server, api_key="", api_key_env="AINODE_TEST_LLM_KEY")
+    CXRPipeline({}).run(load_study([get_testdata_file(RG1)], options=opts))
+    assert chat_server.requests[0]["auth"] == "Bearer from-env"

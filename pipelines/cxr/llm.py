@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class LLMOptions:
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "default"
     api_key: str = ""
+    #: Name of an environment variable holding the key, so the key need not sit in the config file.
+    api_key_env: str = ""
     timeout_s: float = 60.0
     retries: int = 2
     backoff_s: float = 1.0
@@ -114,8 +117,9 @@ def generate(calls: list[LabelCall], display: np.ndarray, language: str, opts: L
     body = {"model": opts.model, "messages": build_messages(calls, png_data_url(display, opts.image_size), language),
             "temperature": opts.temperature, "max_tokens": opts.max_tokens, **opts.extra}
     headers = {"Content-Type": "application/json"}
-    if opts.api_key:
-        headers["Authorization"] = f"Bearer {opts.api_key}"
+    key = opts.api_key or (os.environ.get(opts.api_key_env, "") if opts.api_key_env else "")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     http = session or requests.Session()
     errors: list[str] = []
     for attempt in range(opts.retries + 1):

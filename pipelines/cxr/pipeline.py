@@ -67,7 +67,7 @@ class CXRPipeline(Pipeline):
     name = "cxr"
     version = "1.0.0"
     modalities = frozenset({"CR", "DX"})
-    device = "gpu"
+    device = "cpu"  # DenseNet-121 at 224² is ~50 ms per image on a CPU core; GPU hosts still pick CUDA/TensorRT
     memory_mb = 2048
 
     def _opt(self, study: StudyInput | None, key: str, default: Any = None) -> Any:
@@ -206,9 +206,8 @@ class CXRPipeline(Pipeline):
 
         lang = study.language if study.language in languages else languages[0]
         opts = llm.LLMOptions.from_options(self._opt(study, "openai", {}))
-        best = max(range(len(images)), key=lambda i: 0)  # the first frontal image is the key image
-        try:
-            n, info = llm.generate(calls, images[best].prepared.display, lang, opts)
+        try:  # the first frontal image is the one the model describes
+            n, info = llm.generate(calls, images[0].prepared.display, lang, opts)
         except llm.LLMFailed as exc:
             result.warnings.append(f"report LLM failed, template report used instead: {exc}")
             return narrative, {"backend": "template", "requested": "openai", "fallback": True, "error": str(exc)}

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydicom.multival import MultiValue
 
 from pipelines.models import InputSpec
 
@@ -72,14 +73,35 @@ def _tag(header: Any, keyword: str) -> str:
     return str(v or "").strip().upper()
 
 
+def header_window(header: Any) -> tuple[float, float] | None:
+    """This instance's first (WindowCenter, WindowWidth), or None."""
+    if header is None:
+        return None
+    c, w = header.get("WindowCenter"), header.get("WindowWidth")
+    if c is None or w is None:
+        return None
+    try:
+        c = c[0] if isinstance(c, (list, tuple, MultiValue)) else c
+        w = w[0] if isinstance(w, (list, tuple, MultiValue)) else w
+        return float(c), float(w)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def window(pixels: np.ndarray, header: Any, fallback: tuple[float, float] | None) -> tuple[np.ndarray, str]:
-    """Apply the VOI LUT or window the image says it wants, else a robust percentile window; returns [0, 1]."""
+    """Apply the VOI LUT or window the image says it wants, else a robust percentile window; returns [0, 1].
+
+    The instance's own window wins over ``fallback`` (the series' first instance), since a series
+    of radiographs may carry a different window per image.
+    """
     arr = pixels.astype(np.float32)
+    fallback = header_window(header) or fallback
     if header is not None and "VOILUTSequence" in header:
         try:
             from pydicom.pixels import apply_voi_lut
 
-            out = np.asarray(apply_voi_lut(arr, header), dtype=np.float32)
+            # LUT input is the modality LUT output, looked up as integers
+            out = np.asarray(apply_voi_lut(np.rint(arr).astype(np.int32), header), dtype=np.float32)
             lo, hi = float(out.min()), float(out.max())
             if hi > lo:
                 return (out - lo) / (hi - lo), "VOI LUT"
