@@ -230,13 +230,18 @@ class ModelRunner:
 
 
 def resolve_manifest(model: str | Path, weights_dir: str | Path | None = None) -> Path:
-    """``model`` is a manifest path, a model directory, or a model name under ``weights_dir``."""
+    """``model`` is a manifest path, a model directory, or a model name under ``weights_dir``.
+
+    Without ``weights_dir``: ``$AINODE_WEIGHTS_DIR``, else the ``weights/`` folder of the source tree
+    (an installed wheel has no such folder, so installed nodes set one of the two).
+    """
     p = Path(model)
     if p.suffix in (".yaml", ".yml"):
         return p
     if p.is_dir():
         return p / "manifest.yaml"
-    return Path(weights_dir or DEFAULT_WEIGHTS_DIR) / str(model) / "manifest.yaml"
+    root = weights_dir or os.environ.get("AINODE_WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR
+    return Path(root) / str(model) / "manifest.yaml"
 
 
 def load_model(model: str | Path, *, weights_dir: str | Path | None = None, allow_unverified: bool = False,
