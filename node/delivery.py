@@ -690,18 +690,19 @@ class DeliveryService:
             log.warning("delivery %s: storage commitment request failed (%s); next in %.1f s", dest.name,
                         outcome.error, delay)
 
-    def handle_n_event_report(self, event: evt.Event) -> int:
-        """pynetdicom EVT_N_EVENT_REPORT handler: bind it on the node's SCP as well, because most PACS send the
-        storage commitment result on an association of their own."""
+    def handle_n_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """pynetdicom EVT_N_EVENT_REPORT handler (returns status and event reply, as pynetdicom requires): bind it
+        on the node's SCP as well, because most PACS send the storage commitment result on an association of
+        their own."""
         if str(event.request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
-            return 0x0112  # no such SOP instance: we only take commitment reports
+            return 0x0112, None  # no such SOP instance: we only take commitment reports
         try:
             info = event.event_information
         except Exception:
             log.exception("delivery: undecodable storage commitment report")
-            return 0x0110
+            return 0x0110, None
         self.commitment_report(info, int(event.event_type or 0))
-        return 0x0000
+        return 0x0000, None
 
     def commitment_report(self, info: Dataset, event_type: int = 1) -> tuple[int, int]:
         """Apply a Storage Commitment result; returns (committed, failed) row counts.

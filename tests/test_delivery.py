@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     CTImageStorage,
@@ -451,6 +451,9 @@ def test_storage_commitment_with_orthanc(tmp_path: Path, storage: Path, state: S
             svc.stop()
         row = state.one("SELECT attempts FROM deliveries WHERE sop_uid=?", (lost,))
         assert row["attempts"] == 2, "the instance reported missing was re-sent once"
+        jobs = [j for j in pacs.get("/jobs?expand") if j["Type"] == "StorageCommitmentScp"]
+        assert len(jobs) == 2 and all(j["State"] == "Success" for j in jobs), \
+            f"Orthanc's N-EVENT-REPORTs must have been answered with Success: {jobs}"
         assert pacs.sop_uids(study) == sop_uids(files)
         s = svc.summary(study)["pacs"]
         assert s["delivered"] is True and s["counts"][COMMITTED] == 3
@@ -578,3 +581,44 @@ def test_stow_rs_sends_bearer_token_and_classifies_http_status(storage: Path, st
         assert seen.count("Bearer t0ken") == 2 and seen.count("Bearer nope") == 1
     finally:
         srv.shutdown()
+
+
+def test_storage_commitment_report_on_the_same_association(storage: Path, state: State) -> None:
+    """Some PACS answer on the association that carried the N-ACTION: the SCU must take it there too."""
+    from node.delivery import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+
+    study, files = make_results(storage, 2)
+    reports: list[int] = []
+
+    def on_action(event: evt.Event) -> tuple[int, None]:
+        req = event.action_information
+        report = Dataset()
+        report.TransactionUID = req.TransactionUID
+        report.ReferencedSOPSequence = list(req.ReferencedSOPSequence)[:1]
+        failed = Dataset()
+        failed.ReferencedSOPClassUID = req.ReferencedSOPSequence[1].ReferencedSOPClassUID
+        failed.ReferencedSOPInstanceUID = req.ReferencedSOPSequence[1].ReferencedSOPInstanceUID
+        failed.FailureReason = 0x0122  # SOP class not supported: re-sending cannot help
+        report.FailedSOPSequence = [failed]
+        assoc = event.assoc
+
+        def send() -> None:
+            time.sleep(0.2)  # after our N-ACTION-RSP has gone out
+            status, _ = assoc.send_n_event_report(report, 2, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
+            reports.append(int(status.Status) if "Status" in status else -1)
+
+        threading.Thread(target=send, daemon=True).start()
+        return 0x0000, None
+
+    with TestSCP() as scp:
+        scp.server.shutdown()
+        scp.ae.add_supported_context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        scp.server = scp.ae.start_server(("127.0.0.1", scp.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, scp._on_store), (evt.EVT_N_ACTION, on_action)])
+        dest = dicom_dest("scp", "TESTSCP", scp.port, storage_commitment=True)
+        svc = service(state, storage, [dest])
+        svc.enqueue(study, "job1", files, ["scp"])
+        assert svc.run_once() == 2
+        assert reports == [0x0000], "our SCU answered the N-EVENT-REPORT on its own association"
+        assert states(state) == {COMMITTED: 1, FAILED: 1}
+        assert "0x0122" in svc.summary(study)["scp"]["last_error"]
