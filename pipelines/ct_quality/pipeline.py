@@ -49,6 +49,7 @@ from pipelines.ct_quality.roi import (
     downsample2,
     measure,
     place_rois,
+    smoothing_mm,
 )
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class CTQualityPipeline(Pipeline):
     modalities = frozenset({"CT", "SR"})
     device = "cpu"
     memory_mb = 1536
+    _cfg_param_types: list[str] = ["PERFUSION"]
 
     def check(self, study: StudyInput) -> None:
         if not any(s.modality == "CT" for s in study.series):
@@ -233,6 +235,13 @@ class CTQualityPipeline(Pipeline):
             image_type = str(s.tags["ImageType"]).upper().split("\\")
         if "LOCALIZER" in image_type:
             return "localizer (ImageType LOCALIZER)"
+        maps = sorted(set(image_type) & set(self._cfg_param_types))
+        if maps:
+            return f"parametric map (ImageType {'/'.join(maps)}), not attenuation in HU"
+        rescale_type = _s(s.tags.get("RescaleType")) or _s(_fg_value(s, "PixelValueTransformationSequence",
+                                                                          "RescaleType"))
+        if rescale_type and rescale_type.upper() != "HU":
+            return f"pixel values are not HU (RescaleType {rescale_type})"
         if s.pixels.ndim != 3:
             return "not greyscale"
         if not is_axial(s.orientation):
@@ -246,6 +255,7 @@ class CTQualityPipeline(Pipeline):
     def run(self, study: StudyInput) -> PipelineResult:
         self.check(study)
         cfg = settings(self.options, study.options)
+        self._cfg_param_types = [str(t).upper() for t in cfg["parametric_image_types"]]
         skipped: dict[str, str] = {}
         chosen: list[SeriesInput] = []
         dose_reports = []
@@ -371,10 +381,11 @@ class CTQualityPipeline(Pipeline):
         lo, hi = (0.1, 0.9) if n >= 5 else (0.0, 1.0)
         frames = np.unique(np.round(np.linspace(lo, hi, min(n, k)) * (n - 1)).astype(int)) if n > 1 else np.array([0])
         rois: list[ROI] = []
+        smooth = smoothing_mm(ref.gnl.value, ref.gnl.acf.get("sum"), min(ref.geom.row_spacing, ref.geom.col_spacing))
         for f in frames:
             info = body_info(px[f], ref.geom.row_spacing * ref.geom.col_spacing, float(cfg["body_threshold_hu"]),
                              float(cfg["fov_padding_below_hu"]))
-            rois += place_rois(px[f], info, ref.geom, int(f), cfg, start_index=len(rois))
+            rois += place_rois(px[f], info, ref.geom, int(f), cfg, start_index=len(rois), smooth_mm=smooth)
         # per-tissue numbering for labels
         seen: dict[str, int] = {}
         for r in rois:
@@ -526,7 +537,7 @@ class CTQualityPipeline(Pipeline):
 def _series_name(s: SeriesInput) -> str:
     num = _s(s.tags.get("SeriesNumber"))
     desc = _s(s.tags.get("SeriesDescription"))
-    return f"Series {num} {desc}".strip() if num or desc else f"Series {s.series_uid[-8:]}"
+    return " ".join(p for p in ("Series", num, desc) if p) if num or desc else f"Series {s.series_uid[-8:]}"
 
 
 def _series_label(study: StudyInput, uid: str) -> str:
@@ -571,7 +582,9 @@ def _summarise_tissues(a: SeriesAnalysis) -> None:
         mean = float(np.average([st.mean for st in ss], weights=w))
         sd = float(np.sqrt(np.average([st.sd**2 for st in ss], weights=w)))
         label = ss[0].roi.label
-        out[t] = TissueSummary(t, label, mean, sd, mean / sd if sd > 0 else float("nan"), None, len(ss), int(w.sum()))
+        if sd <= 0:  # clipped air (-1024 everywhere) carries no noise information
+            continue
+        out[t] = TissueSummary(t, label, mean, sd, mean / sd, None, len(ss), int(w.sum()))
     fat = out.get("fat")
     for t, ts in out.items():
         if t != "fat" and fat is not None and fat.sd > 0:
@@ -633,7 +646,8 @@ def _compare(group: list[SeriesAnalysis]) -> dict[str, Any]:
             "tissues": {t: {"mean": ts.mean, "sd": ts.sd, "snr": ts.snr, "cnr": ts.cnr} for t, ts in a.tissues.items()},
             "cnr_gain": gains,
         })
-    primary = "muscle" if all("muscle" in r["tissues"] for r in rows) else None
+    primary = next((t for t in ("muscle", "soft_tissue") if all(t in r["tissues"] and r["tissues"][t]["cnr"] is not None
+                                                                 for r in rows)), None)
 
     def score(r: dict[str, Any]) -> float:
         if primary and r["tissues"][primary]["cnr"] is not None:
@@ -705,13 +719,13 @@ def _narrative_lines(a: SeriesAnalysis) -> tuple[str, str]:
         tgt = f" (target ≤ {a.noise_target:g})" if a.noise_target else ""
         en.append(f"Image noise {g:.1f} HU{tgt}.")
         zh.append(f"图像噪声 {g:.1f} HU{'（目标 ≤ ' + format(a.noise_target, 'g') + '）' if a.noise_target else ''}。")
-    for t in ("muscle", "fat", "air"):
+    for t in ("muscle", "soft_tissue", "fat", "air"):
         ts = a.tissues.get(t)
         if ts is None:
             continue
         cnr = f", CNR {ts.cnr:.2f}" if ts.cnr is not None else ""
         en.append(f"{ts.label}: mean {ts.mean:.0f} HU, SD {ts.sd:.1f} HU, SNR {ts.snr:.2f}{cnr}.")
-        zh_names = {"fat": "皮下脂肪", "muscle": "椎旁肌" if "Paraspinal" in ts.label else "骨骼肌", "air": "体外空气"}
+        zh_names = {"fat": "皮下脂肪", "muscle": "椎旁肌", "soft_tissue": "软组织", "air": "体外空气"}
         zh_name = zh_names[t]
         zh.append(f"{zh_name}：均值 {ts.mean:.0f} HU，标准差 {ts.sd:.1f} HU，SNR {ts.snr:.2f}"
                   + (f"，CNR {ts.cnr:.2f}" if ts.cnr is not None else "") + "。")
@@ -753,12 +767,14 @@ def _comparison_lines(comp: dict[str, Any]) -> tuple[str, str]:
     en = [f"Reconstruction comparison (same ROIs, baseline {comp['baseline_name']}, {comp['baseline_basis']}):"]
     zh = [f"重建对比（相同 ROI，基准 {comp['baseline_name']}）："]
     for row in comp["rows"]:
-        m = row["tissues"].get("muscle")
-        g = row["cnr_gain"].get("muscle")
-        if m:
-            en.append(f"{row['name']}: muscle SD {m['sd']:.1f} HU, CNR {m['cnr']:.2f}"
+        t = "muscle" if "muscle" in row["tissues"] else "soft_tissue"
+        m = row["tissues"].get(t)
+        g = row["cnr_gain"].get(t)
+        if m and m["cnr"] is not None:
+            en.append(f"{row['name']}: {t.replace('_', ' ')} SD {m['sd']:.1f} HU, CNR {m['cnr']:.2f}"
                       + (f" ({100 * g:+.0f} %)" if g is not None else "") + ";")
-            zh.append(f"{row['name']}：肌肉标准差 {m['sd']:.1f} HU，CNR {m['cnr']:.2f}"
+            zt = "肌肉" if t == "muscle" else "软组织"
+            zh.append(f"{row['name']}：{zt}标准差 {m['sd']:.1f} HU，CNR {m['cnr']:.2f}"
                       + (f"（{100 * g:+.0f}%）" if g is not None else "") + "；")
     en.append("ranking by " + comp["ranked_by"] + ": " + " > ".join(comp["ranking"]) + ".")
     zh.append("排序：" + " > ".join(comp["ranking"]) + "。")
@@ -793,9 +809,9 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
         assert px is not None
         img = px[a.key_frame]
         ref = a.series.frames[a.key_frame]
-        circles = [(st.roi.tissue, f"{st.roi.label.split(' ')[-1] if st.roi.tissue == 'air' else st.roi.tissue} "
-                    f"{st.sd:.1f}", st.col, st.row, st.roi.radius_mm / a.geom.col_spacing,
-                    st.roi.radius_mm / a.geom.row_spacing) for st in a.stats if st.frame == a.key_frame]
+        circles = [(st.roi.tissue, f"{st.roi.tissue.replace('_', ' ')} {st.sd:.1f}", st.col, st.row,
+                    st.roi.radius_mm / a.geom.col_spacing, st.roi.radius_mm / a.geom.row_spacing)
+                   for st in a.stats if st.frame == a.key_frame]
         title = f"{a.name}  GNL {a.gnl.value:.1f} HU" if a.gnl.value is not None else a.name
         out.append(Overlay(f"key-slice-{a.series.series_uid[-6:]}", "image", render.key_slice(img, circles, title),
                            source=ref, caption=f"{a.name}: ROIs (label: tissue and SD in HU)"))
@@ -816,7 +832,7 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
                            caption="GNL per slice"))
     for i, comp in enumerate(comparisons):
         header = ["Series", "GNL"]
-        tissues = [t for t in ("muscle", "fat", "air") if all(t in r["tissues"] for r in comp["rows"])]
+        tissues = [t for t in ("muscle", "soft_tissue", "fat", "air") if all(t in r["tissues"] for r in comp["rows"])]
         for t in tissues:
             header += [f"{t} SD", f"{t} SNR"] + ([f"{t} CNR", f"{t} gain"] if t != "fat" else [])
         rows = []

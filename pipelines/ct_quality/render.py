@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-COLOURS = {"fat": (255, 210, 0), "muscle": (255, 60, 60), "air": (80, 200, 255), "skeletal_muscle": (255, 60, 60)}
+COLOURS = {"fat": (255, 210, 0), "muscle": (255, 60, 60), "air": (80, 200, 255), "soft_tissue": (60, 255, 120)}
 
 
 @lru_cache(maxsize=8)
@@ -39,7 +39,9 @@ def key_slice(img: np.ndarray, rois: list[tuple[str, str, float, float, float, f
     for tissue, label, c, r, rc, rr in rois:
         col = COLOURS.get(tissue, (0, 255, 0))
         d.ellipse([c - rc, r - rr, c + rc, r + rr], outline=col, width=2)
-        d.text((c + rc + 3, r - 7), label, fill=col, font=f)
+        box = d.textbbox((0, 0), label, font=f)
+        x = c + rc + 3 if c >= im.width / 2 else c - rc - 3 - (box[2] - box[0])  # labels away from the midline
+        d.text((x, r - 7), label, fill=col, font=f)
     d.rectangle([0, 0, im.width, 20], fill=(0, 0, 0))
     d.text((4, 2), title, fill=(255, 255, 255), font=font(13, True))
     return np.asarray(im, dtype=np.uint8)

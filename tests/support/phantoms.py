@@ -244,7 +244,7 @@ class Recon:
 
 
 DEFAULT_RECONS = (Recon("FBP", "STANDARD", 25.0), Recon("ASiR-V 50%", "STANDARD", 15.0, "ASiR-V 50%"),
-                  Recon("DLIR-H", "STANDARD", 8.0, "TrueFidelity High"))
+                  Recon("DLIR-H", "STANDARD", 8.0, "DLIR High"))
 
 
 def write_recons(directory: str | Path, spec: PhantomSpec, recons: tuple[Recon, ...] = DEFAULT_RECONS,
@@ -257,6 +257,74 @@ def write_recons(directory: str | Path, spec: PhantomSpec, recons: tuple[Recon, 
                            "ge_ir": r.ge_ir, "seed": spec.seed + 101 * (j + 1)})
         out[r.description], _ = write_series(directory, s, ids, series_number=2 + j)
     return out, ids
+
+
+ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def _item(**kw: object) -> Dataset:
+    d = Dataset()
+    for k, v in kw.items():
+        setattr(d, k, v)
+    return d
+
+
+def write_enhanced(directory: str | Path, spec: PhantomSpec, ids: StudyIds | None = None,
+                   series_number: int = 5) -> tuple[Path, StudyIds]:
+    """The same phantom as one Enhanced CT Image (multi-frame, functional groups) instance."""
+    ids = ids or StudyIds()
+    hu0, lab = phantom_slice(spec)
+    rng = np.random.default_rng(spec.seed)
+    inside = lab != OUTSIDE
+    _, _, xy0 = pixel_grid(spec)
+    frames, per_frame = [], []
+    for i in range(spec.n_slices):
+        noise = noise_field((spec.rows, spec.cols), spec.sigma, spec.correlation_px, rng)
+        if i in spec.missing:
+            continue
+        frames.append(np.clip(np.round(np.where(inside, hu0 + noise, hu0) + 1024.0), -32768, 32767).astype(np.int16))
+        z = spec.z0 + i * spec.slice_spacing
+        per_frame.append(_item(
+            PlanePositionSequence=Sequence([_item(ImagePositionPatient=[float(xy0[0]), float(xy0[1]), z])]),
+            FrameContentSequence=Sequence([_item(InStackPositionNumber=i + 1, StackID="1")])))
+    ds = _base(ids, generate_uid(), ENHANCED_CT_STORAGE, "CT")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.FrameOfReferenceUID = ids.frame_of_reference_uid
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = spec.description + " ENH"
+    ds.BodyPartExamined = spec.body_part
+    ds.ProtocolName = spec.protocol
+    ds.Manufacturer, ds.ManufacturerModelName = spec.manufacturer, spec.model
+    ds.NumberOfFrames = len(frames)
+    ds.Rows, ds.Columns = spec.rows, spec.cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    exposure = _item(ExposureTimeInms=500.0, XRayTubeCurrentInmA=float(spec.ma), ExposureInmAs=spec.ma * 0.5)
+    if spec.ctdivol is not None:
+        exposure.CTDIvol = spec.ctdivol
+    if spec.phantom_code is not None:
+        meaning = {"113691": "IEC Body Dosimetry Phantom", "113690": "IEC Head Dosimetry Phantom"}[spec.phantom_code]
+        exposure.CTDIPhantomTypeCodeSequence = Sequence([_code_item(spec.phantom_code, "DCM", meaning)])
+    ds.SharedFunctionalGroupsSequence = Sequence([_item(
+        PixelMeasuresSequence=Sequence([_item(PixelSpacing=[spec.spacing, spec.spacing],
+                                              SliceThickness=spec.slice_spacing)]),
+        PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]),
+        PixelValueTransformationSequence=Sequence([_item(RescaleIntercept=-1024, RescaleSlope=1, RescaleType="HU")]),
+        CTImageFrameTypeSequence=Sequence([_item(FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"])]),
+        CTXRayDetailsSequence=Sequence([_item(KVP=spec.kvp)]),
+        CTExposureSequence=Sequence([exposure]),
+        CTReconstructionSequence=Sequence([_item(ConvolutionKernel=spec.kernel,
+                                                 ReconstructionAlgorithm="FILTER_BACK_PROJ")]),
+    )])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = np.stack(frames).tobytes()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / f"enhanced_{series_number}.dcm"
+    pydicom.dcmwrite(p, ds, enforce_file_format=True)
+    return p, ids
 
 
 def write_localizer(directory: str | Path, ids: StudyIds, spec: PhantomSpec | None = None) -> Path:
