@@ -349,6 +349,10 @@ def main(argv: list[str]) -> int:
         except ImportFailed as exc:
             print(f"import failed: {exc}", file=sys.stderr)
             return 1
+        except ModuleNotFoundError as exc:
+            print(f"import needs {exc.name}: install the import extra, e.g. pip install 'ainode[import]' "
+                  "(torch==2.13.0 and onnx)", file=sys.stderr)
+            return 1
         print(f"imported {manifest.name} {manifest.version}: {len(manifest.labels)} labels, parity max |diff| "
               f"{diff:.2e}, sha256 {manifest.sha256}, verified {str(manifest.verified).lower()} -> "
               f"{Path(args.out) / 'manifest.yaml'}")
