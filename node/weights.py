@@ -271,6 +271,8 @@ def default_manifest(fmt: str, name: str, labels: list[str], in_channels: int, s
         notes = ("reproduce-chexnet publishes no operating thresholds; the neutral 0.5 default applies until a "
                  "local evaluation sets thresholds.")
     critical = {k: (thresholds[k].present if k in thresholds else 0.5) for k in CRITICAL_LABELS if k in labels}
+    notes += (" Critical thresholds equal the present threshold until a local evaluation sets them; expect many "
+              "false critical alerts at a screening operating point.")
     return Manifest(
         name=name, version=version, task="cxr-multilabel-classification", labels=labels,
         input=InputSpec(size=224, channels=in_channels, normalisation=norm),  # type: ignore[arg-type]
@@ -339,7 +341,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point for ``ainode weights ...`` (argv without the word 'weights')."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error: hand the code back to the caller's CLI
+        return int(exc.code or 0)
     if args.command == "import":
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
         try:
