@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -640,6 +641,31 @@ class DeliveryService:
             msg = f"{dest.name}: {parts}" + (f" ({errors[study_uid]})" if study_uid in errors else "")
             self.state.event("delivery", msg, study_uid)
         return sent
+
+    def cleanup_outbox(self, min_age_s: float = 7 * 24 * 3600.0) -> list[str]:
+        """Remove ``outbox/<job_id>/`` of jobs delivered everywhere at least ``min_age_s`` ago; returns the job ids.
+
+        Jobs with anything pending, failed or dead-lettered keep their files: an operator's ``retry_failed``
+        must re-send the very same objects."""
+        cutoff = time.time() - min_age_s
+        jobs = [r["job_id"] for r in self.state.query(
+            "SELECT job_id FROM deliveries WHERE job_id IS NOT NULL GROUP BY job_id"
+            " HAVING SUM(CASE WHEN state IN (?, ?) THEN 0 ELSE 1 END)=0 AND MAX(COALESCE(committed, sent)) < ?",
+            (SENT, COMMITTED, cutoff))]
+        removed = []
+        for job_id in jobs:
+            unfinished_commitment = [d for d, dest in self.destinations.items() if wants_commitment(dest)]
+            if unfinished_commitment and self.state.one(
+                    f"SELECT 1 FROM deliveries WHERE job_id=? AND state=? AND destination IN"
+                    f" ({','.join('?' * len(unfinished_commitment))})", (job_id, SENT, *unfinished_commitment)):
+                continue  # stored but not yet committed: a failure report would need the file again
+            d = self.outbox / job_id
+            if d.is_dir() and d.resolve().parent == self.outbox.resolve():
+                shutil.rmtree(d)
+                removed.append(job_id)
+        if removed:
+            log.info("delivery: removed outbox files of %d delivered job(s)", len(removed))
+        return removed
 
     # ------------------------------------------------------------------ storage commitment
     def _request_commitments(self, dest: DestinationConfig) -> None:

@@ -170,11 +170,18 @@ def test_delivers_to_dcmtk_storescp_once_and_is_idempotent(tmp_path: Path, stora
         assert svc.enqueue(study, "job1", files, ["scp"]) == 0
         assert svc.run_once() == 0
         assert len(scp.files()) == 3
+        assert svc.summary(study)["scp"]["delivered"] is True
+        # outbox retention: a delivered job's files go once old enough, a job still pending keeps them
+        _, waiting = make_results(storage, 1, study_uid=study, job_id="job2")
+        svc.enqueue(study, "job2", waiting, ["scp"])
+        assert svc.cleanup_outbox(min_age_s=3600) == []
+        assert svc.cleanup_outbox(min_age_s=0) == ["job1"]
+        assert not (storage / "outbox" / "job1").exists() and waiting[0].exists()
     summary = svc.summary(study)
-    assert summary["scp"]["counts"][SENT] == 3 and summary["scp"]["delivered"] is True
+    assert summary["scp"]["counts"][SENT] == 3 and summary["scp"]["delivered"] is False  # job2 is pending
     assert summary["scp"]["last_error"] is None
     assert summary["scp"]["first_sent"] <= summary["scp"]["last_sent"]
-    assert svc.all_pending() == {"scp": 0}
+    assert svc.all_pending() == {"scp": 1}
 
 
 def test_delivers_to_orthanc_in_the_right_study(tmp_path: Path, storage: Path, state: State) -> None:
