@@ -36,9 +36,9 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -152,10 +152,27 @@ class BackoffPolicy:
         return raw * (1.0 - self.jitter * random.random())
 
 
+Record = Callable[[dict[int, Outcome]], None]
+
+
 class Sender(Protocol):
-    def send(self, dest: DestinationConfig, items: Sequence[Item]) -> dict[int, Outcome]:
-        """Attempt ``items`` on one connection; an item missing from the result was not attempted."""
+    def send(self, dest: DestinationConfig, items: Sequence[Item], record: Record | None = None) -> dict[int, Outcome]:
+        """Attempt ``items`` on one connection, calling ``record`` as outcomes become known (so progress survives
+        a crash mid-batch); returns all outcomes.  An item missing from the result was not attempted."""
         ...
+
+
+@dataclass
+class _Batch:
+    """What one association (or STOW request series) to one destination has done so far."""
+
+    dest: DestinationConfig
+    items: dict[int, Item]
+    recorded: set[int] = field(default_factory=set)
+    sent: int = 0
+    delays: dict[int, float] = field(default_factory=dict)  # one jitter per batch: it retries as one association
+    per_study: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 def wants_commitment(dest: DestinationConfig) -> bool:
@@ -273,7 +290,7 @@ class DimseSender:
                                     tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay),
                                                                      *(handlers or [])])
 
-    def send(self, dest: DestinationConfig, items: Sequence[Item]) -> dict[int, Outcome]:
+    def send(self, dest: DestinationConfig, items: Sequence[Item], record: Record | None = None) -> dict[int, Outcome]:
         contexts, fitting = propose_contexts(items)
         if not fitting:
             return {}
@@ -290,6 +307,8 @@ class DimseSender:
                     out.update(_all(fitting[n:], Outcome("transient", f"association with {dest.name} was lost")))
                     break
                 out[it.id] = self._store_one(assoc, dest, it, msg_id=n + 1)
+                if record is not None:
+                    record({it.id: out[it.id]})
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -391,7 +410,7 @@ class StowSender:
     timeout: float = 60.0
     max_per_request: int = 50
 
-    def send(self, dest: DestinationConfig, items: Sequence[Item]) -> dict[int, Outcome]:
+    def send(self, dest: DestinationConfig, items: Sequence[Item], record: Record | None = None) -> dict[int, Outcome]:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
@@ -440,6 +459,8 @@ class StowSender:
                                              f"({_status_text(code)})")
                     else:
                         out[it.id] = Outcome("sent")
+                if record is not None:
+                    record(out)
         return out
 
 
@@ -584,38 +605,41 @@ class DeliveryService:
             if not items:
                 break
             seen.update(it.id for it in items)
+            batch = _Batch(dest, {it.id: it for it in items})
             try:
-                outcomes = self.senders[dest.kind].send(dest, items)
+                outcomes = self.senders[dest.kind].send(dest, items, lambda o, b=batch: self._record(b, o))
             except Exception as exc:  # a bug in a sender must not kill the delivery thread
                 log.exception("delivery %s: sender failed", dest.name)
                 outcomes = _all(items, Outcome("transient", f"internal error: {exc}"))
-            sent += self._record(dest, items, outcomes)
-            if not any(o.kind == "sent" for o in outcomes.values()):
+            self._record(batch, outcomes)  # whatever the sender did not report as it went
+            self._batch_events(batch)
+            sent += batch.sent
+            if not batch.sent:
                 break  # destination unreachable or refusing: do not open another association now
         if wants_commitment(dest) and not self._stop.is_set():
             self._request_commitments(dest)
         return sent
 
-    def _record(self, dest: DestinationConfig, items: Sequence[Item], outcomes: dict[int, Outcome]) -> int:
+    def _record(self, batch: _Batch, outcomes: dict[int, Outcome]) -> None:
+        """Persist outcomes as they happen, so a process killed mid-batch re-sends only what it had not recorded."""
+        dest = batch.dest
+        todo = {k: v for k, v in outcomes.items() if k in batch.items and k not in batch.recorded}
+        if not todo:
+            return
+        batch.recorded.update(todo)
         now = time.time()
-        sent = 0
         deadline_s = dest.retry_max_hours * 3600.0
-        per_study: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        errors: dict[str, str] = {}
-        delays: dict[int, float] = {}  # one jitter per batch keeps the batch together on the next association
         with self.state.tx() as c:
-            for it in items:
-                o = outcomes.get(it.id)
-                if o is None:
-                    continue
+            for item_id, o in todo.items():
+                it = batch.items[item_id]
                 attempts = it.attempts + 1
                 if o.kind == "sent":
-                    sent += 1
+                    batch.sent += 1
                     c.execute("UPDATE deliveries SET state=?, attempts=?, sent=?, last_attempt=?, last_error=NULL,"
                               " first_attempt=COALESCE(first_attempt, ?), next_attempt=?, commit_txn=NULL WHERE id=?",
                               (SENT, attempts, now, now, now, now, it.id))
                     log.info("delivery %s: sent %s", dest.name, it.sop_uid)
-                    per_study[it.study_uid][SENT] += 1
+                    batch.per_study[it.study_uid][SENT] += 1
                     continue
                 if o.kind == "permanent":
                     new_state, next_at = FAILED, now
@@ -626,7 +650,7 @@ class DeliveryService:
                               it.sop_uid, attempts, dest.retry_max_hours, o.error)
                 else:
                     new_state = PENDING
-                    delay = delays.setdefault(attempts, self.backoff.delay(attempts))
+                    delay = batch.delays.setdefault(attempts, self.backoff.delay(attempts))
                     next_at = min(now + delay, it.created + deadline_s)
                     log.warning("delivery %s: %s attempt %d failed (%s); next in %.1f s", dest.name, it.sop_uid,
                                 attempts, o.error, next_at - now)
@@ -634,13 +658,15 @@ class DeliveryService:
                           " first_attempt=COALESCE(first_attempt, ?) WHERE id=?",
                           (new_state, attempts, next_at, now, o.error, now, it.id))
                 if new_state != PENDING:
-                    per_study[it.study_uid][new_state] += 1
-                    errors[it.study_uid] = o.error or ""
-        for study_uid, counts in per_study.items():
+                    batch.per_study[it.study_uid][new_state] += 1
+                    batch.errors[it.study_uid] = o.error or ""
+
+    def _batch_events(self, batch: _Batch) -> None:
+        """One event per study and batch, not per instance: the events table is for people to read."""
+        for study_uid, counts in batch.per_study.items():
             parts = ", ".join(f"{n} {s}" for s, n in counts.items())
-            msg = f"{dest.name}: {parts}" + (f" ({errors[study_uid]})" if study_uid in errors else "")
-            self.state.event("delivery", msg, study_uid)
-        return sent
+            err = batch.errors.get(study_uid)
+            self.state.event("delivery", f"{batch.dest.name}: {parts}" + (f" ({err})" if err else ""), study_uid)
 
     def cleanup_outbox(self, min_age_s: float = 7 * 24 * 3600.0) -> list[str]:
         """Remove ``outbox/<job_id>/`` of jobs delivered everywhere at least ``min_age_s`` ago; returns the job ids.

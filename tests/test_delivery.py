@@ -629,3 +629,39 @@ def test_storage_commitment_report_on_the_same_association(storage: Path, state:
         assert reports == [0x0000], "our SCU answered the N-EVENT-REPORT on its own association"
         assert states(state) == {COMMITTED: 1, FAILED: 1}
         assert "0x0122" in svc.summary(study)["scp"]["last_error"]
+
+
+def test_kill_9_mid_delivery_to_orthanc_no_duplicates(tmp_path: Path, storage: Path) -> None:
+    """Killed in the middle of a batch: rows already recorded stay sent, the rest (and perhaps the one in
+    flight) go again with the same SOP Instance UIDs, so the PACS ends with each result exactly once."""
+    study, files = make_results(storage, 40)
+    with Orthanc(tmp_path / "pacs", aet="PACS") as pacs:
+        dest = {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}
+        cfg = tmp_path / "ainode.yaml"
+        cfg.write_text(yaml.safe_dump({"node": {"ae_title": "AINODE", "storage_dir": str(storage)},
+                                       "destinations": [dest]}))
+        st = State(storage)
+        DeliveryService(st, [DestinationConfig(**dest)], storage, "AINODE", batch_size=40).enqueue(
+            study, "job1", files, ["pacs"])
+        cmd = [sys.executable, "-m", "node.delivery", "--config", str(cfg), "--backoff-base", "0.3",
+               "--backoff-max", "1", "--poll-interval", "0.2"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(tmp_path / "delivery.log", "ab") as logf:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            try:
+                assert wait_for(lambda: states(st).get(SENT, 0) >= 3, 20, 0.01), (tmp_path / "delivery.log").read_text()
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+                partial = states(st).get(SENT, 0)
+                assert 3 <= partial < 40, f"kill came too late to test anything ({partial} sent)"
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+                assert wait_for(lambda: states(st) == {SENT: 40}, 30), states(st)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(15) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert pacs.sop_uids(study) == sop_uids(files)
+        assert len(pacs.instances()) == 40
+        st.close()
