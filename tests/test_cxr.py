@@ -170,10 +170,12 @@ def test_lateral_view_refused(model_dir, tmp_path):
 
 
 def test_view_from_image_when_tag_missing(model_dir, tmp_path):
-    p = _variant(tmp_path, ViewPosition=None)
+    p = _variant(tmp_path, ViewPosition=None, BodyPartExamined=None)
     r = CXRPipeline({}).run(load_study([p], options=_opts(model_dir)))
     assert r.status == "ok"
-    assert any("image heuristic (left-right symmetry" in n for n in r.details["images"][0]["preprocessing"])
+    notes = r.details["images"][0]["preprocessing"]
+    assert any("view FRONTAL from image heuristic (left-right symmetry" in n for n in notes)
+    assert any(n.startswith("chest from image heuristic (lung/mediastinum contrast") for n in notes)
     # half a chest (a tall narrow strip) is not a frontal view
     ds = pydicom.dcmread(get_testdata_file(RG1))
     half = np.ascontiguousarray(ds.pixel_array[:, : ds.Columns // 2])
