@@ -248,10 +248,14 @@ def test_missing_slice_fails(tmp_path: Path) -> None:
 
 def test_noise_above_target(tmp_path: Path) -> None:
     paths, _ = write_series(tmp_path / "a", small(sigma=17.0))  # abdomen target 15 HU: warn
-    assert verdict_of(run(paths)) [0] == "warn"
+    assert verdict_of(run(paths))[0] == "warn"
     paths, _ = write_series(tmp_path / "b", small(sigma=30.0))  # > 1.3 x target: fail
     verdict, note = verdict_of(run(paths))
     assert verdict == "fail" and "noise" in note
+    # a site target given the way the node passes pipeline config (nested under the pipeline name)
+    res = run(paths, ct_quality={"noise_target_hu": {"abdomen_pelvis_contrast": 35.0}})
+    assert verdict_of(res)[0] == "pass"
+    assert series_details(res)["noise_target"] == 35.0
 
 
 def test_ctdivol_against_reference_levels(tmp_path: Path) -> None:
