@@ -335,6 +335,17 @@ def test_wed_ssde_dlp_bmi(tmp_path: Path) -> None:
     assert codes["39156-5"].value == pytest.approx(78 / 1.76**2, abs=0.05)
 
 
+def test_dlp_matched_by_irradiation_event_uid(tmp_path: Path) -> None:
+    """Two acquisitions with the same CTDIvol: only the event UID tells which DLP is this series'."""
+    uid_a, uid_b = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    spec = small(ctdivol=10.0, irradiation_uid=uid_b)
+    paths, ids = write_series(tmp_path, spec)
+    sr = write_dose_sr(tmp_path, ids, [(spec.protocol, 10.0, 300.0, "113691", uid_a),
+                                       ("DELAYED", 10.0, 250.0, "113691", uid_b)])
+    d = series_details(run(paths + [sr]))
+    assert d["dlp"] == pytest.approx(250.0)
+
+
 def test_ssde_conversion_factors_match_tg204() -> None:
     # AAPM Report 204 Table 1 (32 cm phantom): 20 cm -> 1.78, 30 cm -> 1.23; (16 cm): 20 cm -> 0.86
     assert ssde_factor(200, 32) == pytest.approx(1.78, abs=0.01)

@@ -548,7 +548,15 @@ def _series_label(study: StudyInput, uid: str) -> str:
 
 
 def _match_event(rep: dosemod.DoseReport, a: SeriesAnalysis) -> dosemod.DoseEvent | None:
-    """The acquisition whose CTDIvol matches the images (within 2 %), preferring the same protocol."""
+    """The dose-report acquisition these images came from.
+
+    By Irradiation Event UID (0008,3010) when the images carry it; otherwise the event whose
+    CTDIvol matches the images within 2 %, preferring the same protocol name.
+    """
+    uids = {_s(h.get("IrradiationEventUID")) for h in a.series.headers} - {""}
+    for e in rep.events:
+        if e.irradiation_uid and e.irradiation_uid in uids:
+            return e
     c = a.ctdivol_mean
     if c is None:
         return rep.events[0] if len(rep.events) == 1 else None

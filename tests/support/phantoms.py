@@ -67,6 +67,7 @@ class PhantomSpec:
     weight_kg: float | None = 78.0
     height_m: float | None = 1.76
     ge_ir: str | None = None  # GEHC_CT_ADVAPP_001 (0053,xx40) iterative recon annotation
+    irradiation_uid: str | None = None  # (0008,3010), links the images to a dose-report event
 
 
 def pixel_grid(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,6 +188,8 @@ def _ct_header(ids: StudyIds, spec: PhantomSpec, series_uid: str, series_number:
     if spec.phantom_code is not None:
         meaning = {"113691": "IEC Body Dosimetry Phantom", "113690": "IEC Head Dosimetry Phantom"}[spec.phantom_code]
         ds.CTDIPhantomTypeCodeSequence = Sequence([_code_item(spec.phantom_code, "DCM", meaning)])
+    if spec.irradiation_uid:
+        ds.IrradiationEventUID = spec.irradiation_uid
     if spec.ge_ir:
         block = ds.private_block(0x0053, "GEHC_CT_ADVAPP_001", create=True)
         block.add_new(0x40, "SH", spec.ge_ir)
@@ -365,9 +368,13 @@ def _container(concept: tuple[str, str], items: list[Dataset], rel: str = "CONTA
     return d
 
 
-def write_dose_sr(directory: str | Path, ids: StudyIds, events: list[tuple[str, float, float, str]],
+def write_dose_sr(directory: str | Path, ids: StudyIds, events: list[tuple],
                   total_dlp: float | None = None) -> Path:
-    """X-Ray Radiation Dose SR (TID 10011) with CT Acquisition events (protocol, CTDIvol, DLP, phantom code)."""
+    """X-Ray Radiation Dose SR (TID 10011) with CT Acquisition events.
+
+    Each event: (protocol, CTDIvol mGy, DLP mGy.cm, phantom code) or with an Irradiation Event UID
+    as a fifth element.
+    """
     ds = _base(ids, generate_uid(), XRAY_DOSE_SR_STORAGE, "SR")
     ds.SeriesNumber = 997
     ds.InstanceNumber = 1
@@ -382,7 +389,8 @@ def write_dose_sr(directory: str | Path, ids: StudyIds, events: list[tuple[str, 
     total = total_dlp if total_dlp is not None else sum(e[2] for e in events)
     items.append(_container(("113811", "CT Accumulated Dose Data"),
                             [_num(("113813", "CT Dose Length Product Total"), total, ("mGy.cm", "mGy.cm"))]))
-    for protocol, ctdi, dlp, phantom in events:
+    for event in events:
+        protocol, ctdi, dlp, phantom = event[:4]
         proto = Dataset()
         proto.RelationshipType, proto.ValueType = "CONTAINS", "TEXT"
         proto.ConceptNameCodeSequence = Sequence([_code_item("125203", "DCM", "Acquisition Protocol")])
@@ -395,7 +403,14 @@ def write_dose_sr(directory: str | Path, ids: StudyIds, events: list[tuple[str, 
         dose = _container(("113829", "CT Dose"), [
             _num(("113830", "Mean CTDIvol"), ctdi, ("mGy", "mGy")), ph,
             _num(("113838", "DLP"), dlp, ("mGy.cm", "mGy.cm"))])
-        items.append(_container(("113819", "CT Acquisition"), [proto, dose]))
+        parts = [proto, dose]
+        if len(event) > 4:
+            uid = Dataset()
+            uid.RelationshipType, uid.ValueType = "CONTAINS", "UIDREF"
+            uid.ConceptNameCodeSequence = Sequence([_code_item("113769", "DCM", "Irradiation Event UID")])
+            uid.UID = event[4]
+            parts.append(uid)
+        items.append(_container(("113819", "CT Acquisition"), parts))
     ds.ContentSequence = Sequence(items)
     p = Path(directory) / "dose_sr.dcm"
     Path(directory).mkdir(parents=True, exist_ok=True)
