@@ -269,6 +269,9 @@ def test_ctdivol_against_reference_levels(tmp_path: Path) -> None:
     # a site table from options overrides the default
     res = run(paths, drl_ctdivol_mgy={"abdomen_pelvis_contrast": 30.0})
     assert verdict_of(res)[0] == "pass"
+    # a site protocol name mapped to a table row wins over the keyword rules
+    res = run(paths, protocol_keys={"abdomen pelvis w contrast": "chest"})
+    assert series_details(res)["drl_key"] == "chest" and series_details(res)["drl"] == 12.0
     # head: 16 cm phantom from the code sequence, head DRL 57 mGy
     head = small(ctdivol=45.0, body_part="HEAD", protocol="ROUTINE HEAD", description="HEAD 5mm",
                  phantom_code="113690", sigma=3.0, body_a=75.0, body_b=95.0, fat_mm=4.0, wall_mm=3.0)

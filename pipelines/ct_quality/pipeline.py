@@ -358,10 +358,17 @@ class CTQualityPipeline(Pipeline):
             f = np.array([dosemod.ssde_factor(w, a.phantom_cm) if np.isfinite(w) else np.nan for w in wed])
             v = f * ctdi
             a.ssde = float(np.nanmean(v)) if np.isfinite(v).any() else None
-        a.drl_key = dosemod.reference_key(region, contrast, cfg["drl_ctdivol_mgy"])
+        proto_key = {str(k).upper(): v for k, v in (cfg.get("protocol_keys") or {}).items()}.get(
+            _s(h0.get("ProtocolName")).upper())
+        if proto_key:
+            a.drl_key = proto_key if proto_key in cfg["drl_ctdivol_mgy"] else None
+            a.region = proto_key.removesuffix("_contrast")
+        else:
+            a.drl_key = dosemod.reference_key(region, contrast, cfg["drl_ctdivol_mgy"])
         a.drl = float(cfg["drl_ctdivol_mgy"][a.drl_key]) if a.drl_key else None
         targets = cfg["noise_target_hu"]
-        key = a.drl_key if a.drl_key in targets else (region if region in targets else "default")
+        key = proto_key if proto_key in targets else a.drl_key if a.drl_key in targets else (
+            a.region if a.region in targets else "default")
         a.noise_target = float(targets[key]) if key in targets else None
         # DLP: the dose report event for this series' CTDIvol (same protocol/CTDIvol), else none
         for rep in dose_reports:
