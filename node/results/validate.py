@@ -6,11 +6,16 @@ validators of one object, and the objects of one result, overlap instead of queu
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,19 +64,150 @@ def _dsrdump(path: Path) -> list[str]:
     return [f"dsrdump: {line}" for line in bad]
 
 
+def _java_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["JAVA_TOOL_OPTIONS"] = (env.get("JAVA_TOOL_OPTIONS", "") + " " + JAVA_OPTS).strip()
+    return env
+
+
+# C1 only: the C2 compiler spends more time on PixelMed's huge generated translet than it saves (measured
+# 8 s vs 16 s CPU per SR). Only pixelmed.jar on the class path: the Debian wrapper's '/usr/share/java/*'
+# adds seconds of class-path scanning per start.
+JAVA_FLAGS = ["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Xss8m"]
+SERVER_SOURCE = Path(__file__).parent / "java" / "SRValidatorServer.java"
+SERVER_END = "@@AINODE-END@@"
+SERVER_READY = "@@AINODE-READY@@"
+
+
+def _server_classes() -> Path | None:
+    """Compile the long-lived validator once per source/jar version; None when no javac (JRE only)."""
+    javac = shutil.which("javac")
+    if javac is None or not SERVER_SOURCE.exists():
+        return None
+    digest = hashlib.sha256(SERVER_SOURCE.read_bytes() + str(Path(PIXELMED_JAR).stat().st_mtime).encode())
+    cache = Path(os.environ.get("AINODE_CACHE_DIR", Path.home() / ".cache" / "ainode"))
+    target = cache / f"pixelmed-server-{digest.hexdigest()[:12]}"
+    if (target / "SRValidatorServer.class").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".javac-", dir=cache))
+    p = _run([javac, "-cp", PIXELMED_JAR, "-d", str(tmp), str(SERVER_SOURCE)])
+    if p.returncode != 0:
+        log.warning("could not compile the PixelMed validator server (%s); using the command-line tool",
+                    p.stderr.strip()[-300:])
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another worker won the race; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class PixelMedServer:
+    """One JVM running DicomSRValidator for the life of the process, fed one file path per line.
+
+    Its first validation costs what the command-line tool costs; later ones are several times cheaper
+    because the JVM, the stylesheet and the JIT stay warm. Requests are serialised by a lock.
+    """
+
+    def __init__(self, classes: Path):
+        self.classes = classes
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+
+    def _start(self) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [shutil.which("java") or "java", *JAVA_FLAGS, "-cp", f"{PIXELMED_JAR}:{self.classes}",
+             "SRValidatorServer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, encoding="utf-8", errors="replace", env=_java_env(), bufsize=1)
+        self.lines = queue.Queue()
+        # A thread owns stdout: select() on a buffered pipe misses lines already in Python's buffer.
+        threading.Thread(target=self._pump, args=(proc, self.lines), daemon=True).start()
+        self._read_until(SERVER_READY, time.monotonic() + TIMEOUT_S)
+        return proc
+
+    @staticmethod
+    def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)  # EOF: the server died
+
+    def _read_until(self, sentinel: str, deadline: float) -> list[str]:
+        out: list[str] = []
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(left, 0.001))
+            except queue.Empty:
+                raise subprocess.TimeoutExpired("SRValidatorServer", TIMEOUT_S) from None
+            if line is None:
+                raise RuntimeError("PixelMed validator server exited")
+            if line == sentinel:
+                return out
+            out.append(line)
+
+    def validate(self, path: Path) -> str:
+        with self.lock:
+            for attempt in (1, 2):  # a dead server (OOM, killed) is restarted once
+                try:
+                    if self.proc is None or self.proc.poll() is not None:
+                        self.proc = self._start()
+                    assert self.proc.stdin is not None
+                    self.proc.stdin.write(f"{path}\n")
+                    self.proc.stdin.flush()
+                    return "\n".join(self._read_until(SERVER_END, time.monotonic() + TIMEOUT_S))
+                except (OSError, RuntimeError, subprocess.TimeoutExpired):
+                    self.close()
+                    if attempt == 2:
+                        raise
+                    log.warning("PixelMed validator server failed; restarting it")
+            raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+_server: PixelMedServer | None = None
+_server_lock = threading.Lock()
+
+
+def _pixelmed_server() -> PixelMedServer | None:
+    global _server
+    if os.environ.get("AINODE_PIXELMED_SERVER", "1") == "0":
+        return None
+    with _server_lock:
+        if _server is None:
+            classes = _server_classes()
+            if classes is None:
+                return None
+            _server = PixelMedServer(classes)
+            atexit.register(_server.close)
+        return _server
+
+
 def _pixelmed(path: Path) -> list[str]:
     java = shutil.which("java")
     if java is None or not Path(PIXELMED_JAR).exists():
         return ["DicomSRValidator: not installed (Debian package pixelmed-apps)"]
-    env = dict(os.environ)
-    env["JAVA_TOOL_OPTIONS"] = (env.get("JAVA_TOOL_OPTIONS", "") + " " + JAVA_OPTS).strip()
-    # Only pixelmed.jar on the class path: the Debian wrapper's '/usr/share/java/*' costs seconds per start.
-    p = _run([java, "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-cp", PIXELMED_JAR,
-              "com.pixelmed.validate.DicomSRValidator", str(path)], env=env)
+    server = _pixelmed_server()
+    if server is not None:
+        try:
+            out = server.validate(path)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            return [f"DicomSRValidator: server failed: {exc}"]
+        return [f"DicomSRValidator: {line.strip()}" for line in out.splitlines() if line.startswith("Error:")]
+    p = _run([java, *JAVA_FLAGS, "-cp", PIXELMED_JAR, "com.pixelmed.validate.DicomSRValidator", str(path)],
+             env=_java_env())
     out = p.stdout + p.stderr
     problems = [f"DicomSRValidator: {line.strip()}" for line in out.splitlines() if line.startswith("Error:")]
     if p.returncode != 0 and not problems:
-        problems.append(f"DicomSRValidator: exit {p.returncode}: {out.strip().splitlines()[-1:] }")
+        problems.append(f"DicomSRValidator: exit {p.returncode}: {out.strip().splitlines()[-1:]}")
     return problems
 
 
@@ -111,7 +247,7 @@ def validate_many(objs: list[Path | Dataset]) -> list[list[str]]:
                     try:
                         problems.extend(f.result())
                     except subprocess.TimeoutExpired as exc:
-                        problems.append(f"validator timed out: {exc.cmd[0]}")
+                        problems.append(f"validator timed out: {exc.cmd}")
                 results.append(problems)
     return results
 
