@@ -28,12 +28,12 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, build_context, evt
+from support.dcmtk import StoreSCP
+from support.orthanc import Orthanc, free_port
 
 from node.config import DestinationConfig
 from node.delivery import COMMITTED, DEAD, FAILED, PENDING, SENT, BackoffPolicy, DeliveryService
 from node.state import State
-from tests.support.dcmtk import StoreSCP
-from tests.support.orthanc import Orthanc, free_port
 
 FAST = BackoffPolicy(base_s=0.3, max_s=1.0, jitter=0.3)
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from typing import Self
 
 from pydicom import dcmread
 
-from tests.support.orthanc import free_port
+from .orthanc import free_port
 
 STORESCP = "/usr/bin/storescp"
 STORESCU = "/usr/bin/storescu"
