@@ -32,6 +32,7 @@ CHUNK = 16  # slices per block: keeps temporaries in cache and memory bounded fo
 NBINS = 400
 RANGE_FACTOR = 4.0  # histogram spans 0 .. 4 x the series' typical local SD
 SMOOTH_BINS = 2.0
+ACF_STEP = 0.6  # stricter edge rejection where the noise texture is measured
 
 
 @dataclass
@@ -197,7 +198,7 @@ def global_noise_level(pixels: np.ndarray, spacing_mm: float, window: tuple[floa
     factor, capped, acf = 1.0, False, {}
     if texture_correction and np.isfinite(modes).any():
         best = np.argsort(counts)[::-1][:4]
-        rho = noise_autocorrelation(pixels, best, k, window, spacing_mm, fov_below, step_limit)
+        rho = noise_autocorrelation(pixels, best, k, window, spacing_mm, fov_below, ACF_STEP * step_limit)
         factor = estimator_response(rho, k)
         if rho is not None:
             c = rho.shape[0] // 2
