@@ -51,6 +51,7 @@ class PhantomSpec:
     table: bool = True
     sigma: float = 15.0
     correlation_px: float = 0.0  # Gaussian filter sigma in pixels; 0 = white noise
+    bandpass: bool = False  # CT-like texture: Gaussian(c) - 0.8 Gaussian(3c), NPS peaked away from zero
     seed: int = 0
     missing: list[int] = field(default_factory=list)  # slice indices left out of the series
     # headers
@@ -107,16 +108,28 @@ def phantom_slice(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
     return hu, lab
 
 
-def noise_field(shape: tuple[int, ...], sigma: float, correlation_px: float, rng: np.random.Generator) -> np.ndarray:
-    """Noise with exactly ``sigma`` expected SD: the filter's power is measured, not approximated."""
+def noise_field(shape: tuple[int, ...], sigma: float, correlation_px: float, rng: np.random.Generator,
+                bandpass: bool = False) -> np.ndarray:
+    """Noise with exactly ``sigma`` expected SD: the filter's power is measured, not approximated.
+
+    ``bandpass`` gives a filtered-back-projection-like texture (difference of Gaussians: little
+    power at zero frequency, negative correlation at a few pixels) instead of plain low-pass noise.
+    """
     w = rng.standard_normal(shape)
     if correlation_px <= 0:
         return w * sigma
-    delta = np.zeros((81, 81))
-    delta[40, 40] = 1.0
-    kern = ndi.gaussian_filter(delta, correlation_px)
-    gain = 1.0 / np.sqrt((kern**2).sum())
-    return ndi.gaussian_filter(w, (0,) * (len(shape) - 2) + (correlation_px, correlation_px)) * gain * sigma
+    lead = (0,) * (len(shape) - 2)
+
+    def filt(a: np.ndarray, extra: tuple[int, ...]) -> np.ndarray:
+        out = ndi.gaussian_filter(a, extra + (correlation_px, correlation_px))
+        if bandpass:
+            out = out - 0.8 * ndi.gaussian_filter(a, extra + (3 * correlation_px, 3 * correlation_px))
+        return out
+
+    delta = np.zeros((121, 121))
+    delta[60, 60] = 1.0
+    gain = 1.0 / np.sqrt((filt(delta, ()) ** 2).sum())
+    return filt(w, lead) * gain * sigma
 
 
 def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
@@ -223,7 +236,7 @@ def write_series(directory: str | Path, spec: PhantomSpec, ids: StudyIds | None 
     _, _, xy0 = pixel_grid(spec)
     paths = []
     for i in range(spec.n_slices):
-        noise = noise_field((spec.rows, spec.cols), spec.sigma, spec.correlation_px, rng)
+        noise = noise_field((spec.rows, spec.cols), spec.sigma, spec.correlation_px, rng, spec.bandpass)
         if i in spec.missing:
             continue
         hu = np.where(inside, hu0 + noise, hu0)
@@ -282,7 +295,7 @@ def write_enhanced(directory: str | Path, spec: PhantomSpec, ids: StudyIds | Non
     _, _, xy0 = pixel_grid(spec)
     frames, per_frame = [], []
     for i in range(spec.n_slices):
-        noise = noise_field((spec.rows, spec.cols), spec.sigma, spec.correlation_px, rng)
+        noise = noise_field((spec.rows, spec.cols), spec.sigma, spec.correlation_px, rng, spec.bandpass)
         if i in spec.missing:
             continue
         frames.append(np.clip(np.round(np.where(inside, hu0 + noise, hu0) + 1024.0), -32768, 32767).astype(np.int16))
