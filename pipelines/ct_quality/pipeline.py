@@ -43,7 +43,6 @@ from pipelines.ct_quality.noise import GNLResult, global_noise_level, local_mean
 from pipelines.ct_quality.roi import (
     LABELS,
     ROI,
-    BodyInfo,
     ROIStats,
     body_info,
     downsample2,
@@ -54,8 +53,6 @@ from pipelines.ct_quality.roi import (
 
 log = logging.getLogger(__name__)
 
-CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 C_MEAN = Code("112181", "DCM", "Mean attenuation coefficient")
 C_SD = Code("112183", "DCM", "Standard deviation of attenuation coefficient")
@@ -405,8 +402,8 @@ class CTQualityPipeline(Pipeline):
         for r in rois:
             per = []
             for a in group:
-                tol = max(0.5, 0.5 * float(np.median(np.diff(a.z))) if len(a.z) > 1 else 0.5 * (a.series.slice_thickness
-                                                                                                   or 1.0))
+                step = float(np.median(np.diff(a.z))) if len(a.z) > 1 else float(a.series.slice_thickness or 1.0)
+                tol = max(0.5, 0.5 * step)  # nearest slice, never a neighbour half a slice away
                 hit = a.geom.to_pixel(r.centre_patient, tol)
                 if hit is None:
                     break
@@ -867,4 +864,4 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
     return out
 
 
-__all__ = ["CTQualityPipeline", "BodyInfo"]
+__all__ = ["CTQualityPipeline"]

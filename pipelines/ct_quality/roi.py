@@ -262,6 +262,7 @@ def measure(img: np.ndarray, roi: ROI, geom: SliceGeometry, frame: int, series_u
     col, row = _pix(geom, roi, frame)
     rs, cs, m = circle_mask(img.shape, col, row, roi.radius_mm, geom.row_spacing, geom.col_spacing)
     v = img[rs, cs][m].astype(np.float64)
-    if v.size < 10:
+    expected = np.pi * roi.radius_mm**2 / (geom.row_spacing * geom.col_spacing)
+    if v.size < 0.9 * expected:  # circle (partly) off this series' image: no measurement, not a smaller one
         return None
     return ROIStats(roi, series_uid, frame, col, row, float(v.mean()), float(v.std(ddof=1)), int(v.size))
