@@ -132,7 +132,7 @@ def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, max_alpha: float = 0.5) -> 
     if hm.shape != (h, w):
         hm = np.asarray(Image.fromarray(hm, mode="F").resize((w, h), Image.BILINEAR))
     hm = np.clip(np.nan_to_num(hm), 0.0, 1.0)
-    alpha = (max_alpha * hm)[..., None]
+    alpha = (max_alpha * np.clip((hm - 0.2) / 0.8, 0.0, 1.0))[..., None]  # low scores leave anatomy untouched
     out = rgb.astype(np.float32) * (1 - alpha) + _colormap(hm) * alpha
     return np.clip(out, 0, 255).astype(np.uint8)
 
@@ -181,6 +181,8 @@ def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, lan
                 d.line([x, y - r, x, y + r], fill=dr.colour, width=lw)
             anchor = (pts[0][0] + r, pts[0][1] - r)
         else:
+            if len(pts) > 2 and pts[0] != pts[-1]:
+                pts.append(pts[0])  # drawn as the SR encodes it: an area outline
             d.line(pts, fill=dr.colour, width=lw, joint="curve")
             anchor = (max(p[0] for p in pts), min(p[1] for p in pts))
         text = dr.label or dr.region.label

@@ -6,7 +6,6 @@ read pixels for the key image, because a 500-slice CT does not need to be decode
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,18 @@ class Source:
         return str(h.get("Modality", "")) not in NON_IMAGE_MODALITIES and "Rows" in h and "Columns" in h
 
 
+def clone_header(ds: Dataset) -> Dataset:
+    """A new top-level dataset without pixel data; the caller's dataset is never modified.
+
+    (``copy.copy`` of a pydicom Dataset shares its element dict, so deleting from the copy deletes
+    from the original.)
+    """
+    out = Dataset({tag: elem for tag, elem in ds.items() if tag.group != 0x7FE0})
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    return out
+
+
 def fill_type2(ds: Dataset) -> Dataset:
     """Missing type-2 attributes become empty, so copying them never raises and dciodvfy stays quiet."""
     for kw in TYPE2_EMPTY:
@@ -74,9 +85,7 @@ def load_sources(sources: list[Path] | list[Dataset]) -> list[Source]:
     out: list[Source] = []
     for s in sources:
         if isinstance(s, Dataset):
-            header = copy.copy(s)  # shallow: we only drop/add top-level elements
-            if "PixelData" in header:
-                del header.PixelData
+            header = clone_header(s)
             out.append(Source(fill_type2(header), path=Path(s.filename) if getattr(s, "filename", None)
                               and isinstance(s.filename, str) else None, dataset=s))
         else:

@@ -8,7 +8,6 @@ SCOORD in a TID 1410 planar ROI group; measurements keep their UCUM units.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import OrderedDict
 
@@ -50,7 +49,7 @@ from .common import (
     observation_context,
     series_description,
 )
-from .sources import Source, find
+from .sources import Source, clone_header, find
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +195,7 @@ def _library_header(ds: Dataset) -> Dataset:
         return ds
     except (AttributeError, TypeError, ValueError, IndexError) as exc:
         log.debug("image library: generic descriptors for %s (%s)", ds.SOPInstanceUID, exc)
-        generic = copy.copy(ds)
+        generic = clone_header(ds)
         generic.Modality = "OT"
         return generic
 

@@ -1,0 +1,503 @@
+"""The results writer against real validators (dciodvfy, dsrdump, PixelMed) and real source images.
+
+Results are built by hand so each test knows exactly what must come out. Encoding and validation are
+done once per scenario (module fixtures) because PixelMed dominates the run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from support.validators import (
+    assert_all_valid,
+    bright_pixels,
+    code_value,
+    concept,
+    dsrdump,
+    find_items,
+    items,
+    num_units,
+    red_pixels,
+    texts,
+)
+
+from node.results import EncodeOptions, SOPRef, ValidationFailed, encode, validate, write_validated
+from node.results.common import UNVERIFIED_TEXT
+from node.results.render import font_path, upscale_factor
+from pipelines.base import (
+    PRIVATE_SCHEME,
+    UCUM_HU,
+    UCUM_MGY,
+    UCUM_MGYCM,
+    Code,
+    Evaluation,
+    Finding,
+    ImageRef,
+    Measurement,
+    ModelIdentity,
+    Narrative,
+    Overlay,
+    PipelineResult,
+    Region,
+)
+
+SHA = "3f" * 32
+PNEUMOTHORAX = Code("36118008", "SCT", "Pneumothorax")
+EFFUSION = Code("60046008", "SCT", "Pleural effusion")
+CARDIOMEGALY = Code("8186001", "SCT", "Cardiomegaly")
+LUNG = Code("39607008", "SCT", "Lung")
+SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.22"}
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+# --------------------------------------------------------------------------- sources
+@pytest.fixture(scope="module")
+def cr() -> Dataset:
+    return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+
+
+def ref_of(ds: Dataset) -> ImageRef:
+    return ImageRef(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+
+
+@pytest.fixture(scope="module")
+def ct_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Five CT slices made from CT_small with new UIDs, written in shuffled order like a spool."""
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    d = tmp_path_factory.mktemp("ct")
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i in (3, 0, 4, 1, 2):
+        ds = copy.deepcopy(src)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [-158.1, -179.0, -75.7 + 5 * i]
+        ds.SliceLocation = -75.7 + 5 * i
+        del ds.PatientBirthDate  # a type-2 attribute missing at source must not crash the writer
+        p = d / f"ct{i}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def ct_headers(files: list[Path]) -> list[Dataset]:
+    return sorted((pydicom.dcmread(p) for p in files), key=lambda d: int(d.InstanceNumber))
+
+
+# --------------------------------------------------------------------------- results
+def cxr_result(cr: Dataset, verified: bool = True) -> PipelineResult:
+    ref = ref_of(cr)
+    heat = np.zeros((64, 64), np.float32)
+    heat[10:30, 8:24] = 0.9
+    return PipelineResult(
+        pipeline="cxr", pipeline_version="1.0.0",
+        model=ModelIdentity("densenet121-res224-all", "2.1", sha256=SHA, verified=verified),
+        findings=[
+            Finding(PNEUMOTHORAX, "Pneumothorax", True, 0.93, critical=True, site=LUNG,
+                    regions=[Region(ref, "POLYLINE", [(300, 300), (750, 280), (800, 900), (320, 950)], "PTX")]),
+            Finding(EFFUSION, "Pleural effusion", True, 0.71,
+                    regions=[Region(ref, "CIRCLE", [(1400, 1500), (1500, 1500)])]),
+            Finding(CARDIOMEGALY, "Cardiomegaly", False, 0.08),
+        ],
+        overlays=[Overlay("cam", "heatmap", heat, source=ref)],
+        narrative={"en": Narrative(findings="Right pneumothorax. Left pleural effusion.",
+                                   impression="Pneumothorax.", critical="Pneumothorax suspected.")},
+        key_images=[ref],
+    )
+
+
+def ct_result(files: list[Path]) -> PipelineResult:
+    hs = ct_headers(files)
+    s2, s4 = ref_of(hs[1]), ref_of(hs[3])
+    roi_liver = Region(s2, "CIRCLE", [(64, 64), (74, 64)], "liver")
+    roi_fat = Region(s4, "CIRCLE", [(30, 90), (36, 90)], "fat")
+    series = str(hs[0].SeriesInstanceUID)
+    chart = np.full((300, 480, 3), 240, np.uint8)
+    chart[100:250, 50:90] = (30, 90, 200)
+    return PipelineResult(
+        pipeline="ct_quality", pipeline_version="0.3.0",
+        model=ModelIdentity("ct-noise", "1.0", sha256=SHA, verified=True),
+        measurements=[
+            Measurement(Code("112181", "DCM", "Mean attenuation"), 58.2, UCUM_HU, "Liver ROI", region=roi_liver,
+                        site=Code("10200004", "SCT", "Liver")),
+            Measurement(Code("112183", "DCM", "SD of attenuation"), 11.4, UCUM_HU, "Liver ROI", region=roi_liver),
+            Measurement(Code("112181", "DCM", "Mean attenuation"), -98.0, UCUM_HU, "Fat ROI", region=roi_fat),
+            Measurement(Code("CNR", PRIVATE_SCHEME, "Contrast-to-noise ratio"), 13.7,
+                        Code("1", "UCUM", "no units"), "Fat ROI", region=roi_fat),
+            Measurement(Code("113830", "DCM", "Mean CTDIvol"), 11.8, UCUM_MGY, "Dose", series_uid=series),
+            Measurement(Code("113838", "DCM", "DLP"), 412.0, UCUM_MGYCM, "Dose", series_uid=series),
+        ],
+        evaluations=[Evaluation(Code("111101", "DCM", "Image quality"), Code("PASS", PRIVATE_SCHEME, "Acceptable"),
+                                group="Dose")],
+        overlays=[Overlay("noise chart", "image", chart, caption="Noise per slice")],
+    )
+
+
+def empty_result() -> PipelineResult:
+    return PipelineResult(pipeline="cxr", pipeline_version="1.0.0",
+                          model=ModelIdentity("densenet121-res224-all", "2.1", sha256=SHA, verified=True))
+
+
+def zh_unverified_result(cr: Dataset) -> PipelineResult:
+    r = cxr_result(cr, verified=False)
+    r.narrative["zh"] = Narrative(findings="右侧气胸。左侧胸腔积液。", impression="气胸，需紧急处理。",
+                                  critical="怀疑气胸，已通知。")
+    r.findings[0].regions = []  # a critical finding without a region: TID 1501 group, SC without outline
+    return r
+
+
+# --------------------------------------------------------------------------- encode + validate once
+class Scenario:
+    def __init__(self, objs: list[Dataset], seconds: float):
+        self.objs, self.seconds = objs, seconds
+        self.problems: list[list[str]] | None = None
+
+    def by_class(self, uid: str) -> list[Dataset]:
+        return [o for o in self.objs if o.SOPClassUID == uid]
+
+    @property
+    def tid1500(self) -> Dataset:
+        return next(o for o in self.objs if o.SOPClassUID in SR_CLASSES - {"1.2.840.10008.5.1.4.1.1.88.22"})
+
+    @property
+    def narrative(self) -> Dataset:
+        return self.by_class("1.2.840.10008.5.1.4.1.1.88.22")[0]
+
+
+def run(result: PipelineResult, sources: list, options: EncodeOptions | None = None) -> Scenario:
+    t0 = time.perf_counter()
+    objs = encode(result, sources, options or EncodeOptions())
+    return Scenario(objs, time.perf_counter() - t0)
+
+
+@pytest.fixture(scope="module")
+def predecessor() -> SOPRef:
+    return SOPRef(generate_uid(), generate_uid(), generate_uid(), "1.2.840.10008.5.1.4.1.1.88.33")
+
+
+@pytest.fixture(scope="module")
+def scenarios(cr: Dataset, ct_files: list[Path], predecessor: SOPRef) -> dict[str, Scenario]:
+    out = {
+        "cxr": run(cxr_result(cr), [cr]),
+        "ct": run(ct_result(ct_files), ct_files, EncodeOptions(sr_class="comprehensive3d",
+                                                               predecessors=[predecessor], institution="General")),
+        "empty_ct": run(empty_result(), ct_files),
+        "zh": run(zh_unverified_result(cr), [cr], EncodeOptions(language="zh")),
+    }
+    return out
+
+
+@pytest.fixture(scope="module")
+def validated(scenarios: dict[str, Scenario]) -> dict[str, Scenario]:
+    from node.results import validate_many
+
+    allobjs = [o for s in scenarios.values() for o in s.objs]
+    t0 = time.perf_counter()
+    reports = validate_many(allobjs)
+    elapsed = time.perf_counter() - t0
+    print(f"\nvalidated {len(allobjs)} objects in {elapsed:.1f} s ({elapsed / len(allobjs):.2f} s/object)")
+    i = 0
+    for s in scenarios.values():
+        s.problems = reports[i:i + len(s.objs)]
+        i += len(s.objs)
+    return scenarios
+
+
+# --------------------------------------------------------------------------- validity and identity
+@pytest.mark.parametrize("name", ["cxr", "ct", "empty_ct", "zh"])
+def test_every_object_passes_all_validators(validated: dict[str, Scenario], name: str) -> None:
+    s = validated[name]
+    assert s.objs, "encode produced nothing"
+    bad = {f"{o.Modality} {o.SeriesDescription}": p for o, p in zip(s.objs, s.problems or []) if p}
+    assert not bad
+
+
+def test_object_set_per_scenario(scenarios: dict[str, Scenario]) -> None:
+    cxr = scenarios["cxr"]
+    assert [o.SOPClassUID for o in cxr.objs] == ["1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22",
+                                                 SC_CLASS, KOS_CLASS]
+    ct = scenarios["ct"]
+    assert ct.tid1500.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # comprehensive3d option
+    assert len(ct.by_class(SC_CLASS)) == 2  # key image summary + the pipeline's chart
+    assert not ct.by_class(KOS_CLASS)  # measurements only, nothing critical: no "Of Interest"
+    assert not scenarios["empty_ct"].by_class(KOS_CLASS)
+
+
+def test_study_patient_kept_series_and_instances_new(scenarios: dict[str, Scenario], cr: Dataset,
+                                                     ct_files: list[Path]) -> None:
+    ct0 = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
+    for name, src in (("cxr", cr), ("ct", ct0), ("zh", cr)):
+        objs = scenarios[name].objs
+        source_series = {str(src.SeriesInstanceUID)}
+        for o in objs:
+            assert o.StudyInstanceUID == src.StudyInstanceUID
+            for kw in ("PatientName", "PatientID", "PatientSex", "AccessionNumber", "StudyID", "StudyDate"):
+                assert str(o.get(kw, "")) == str(src.get(kw, "")), (name, kw)
+            assert "PatientBirthDate" in o  # type 2, empty when the source lacked it
+            assert o.SeriesInstanceUID not in source_series and o.SOPInstanceUID != src.SOPInstanceUID
+            assert 900 <= int(o.SeriesNumber) <= 999
+            assert str(o.SeriesDescription).startswith("AI RESULT")
+        kinds = {}
+        for o in objs:
+            kinds.setdefault(o.SOPClassUID, set()).add(o.SeriesInstanceUID)
+        assert all(len(v) == 1 for v in kinds.values())  # one series per kind (SCs share theirs)
+        assert len({o.SeriesInstanceUID for o in objs}) == len(kinds)  # and kinds never share
+        assert len({o.SOPInstanceUID for o in objs}) == len(objs)
+
+
+def test_refused_result_encodes_nothing(cr: Dataset) -> None:
+    for status in ("refused", "model_unavailable"):
+        r = PipelineResult("cxr", "1.0.0", status=status, reason="not a chest")
+        assert encode(r, [cr], EncodeOptions()) == []
+
+
+# --------------------------------------------------------------------------- TID 1500 content
+def test_tid1500_findings_probabilities_regions_algorithm(scenarios: dict[str, Scenario]) -> None:
+    sr = scenarios["cxr"].tid1500
+    groups = find_items(sr, ("125007", "DCM"), "CONTAINER")
+    assert len(groups) == 3  # one per finding
+    uids = [i.UID for i in find_items(sr, ("112040", "DCM"), "UIDREF")]
+    assert len(uids) == 3 and len(set(uids)) == 3
+    evaluations = {concept(i): code_value(i) for i in items(sr) if i.ValueType == "CODE"}
+    assert evaluations[("36118008", "SCT")] == ("52101004", "SCT")  # Pneumothorax: Present
+    assert evaluations[("8186001", "SCT")] == ("272519000", "SCT")  # Cardiomegaly: Absent
+    assert evaluations[("CRITICAL", PRIVATE_SCHEME)] == ("373066001", "SCT")
+    probs = [float(i.MeasuredValueSequence[0].NumericValue) for i in find_items(sr, ("122157", "DCM"), "NUM")]
+    assert sorted(probs) == [0.08, 0.71, 0.93]
+    scoords = {str(i.GraphicType) for i in items(sr) if i.ValueType == "SCOORD"}
+    assert scoords == {"POLYLINE", "CIRCLE"}
+    poly = next(i for i in items(sr) if i.ValueType == "SCOORD" and i.GraphicType == "POLYLINE")
+    assert list(poly.GraphicData[:2]) == list(poly.GraphicData[-2:])  # closed outline
+    t = texts(sr)
+    assert "densenet121-res224-all" in t and "2.1" in t and f"weights-sha256={SHA}" in t
+    schemes = [str(i.CodingSchemeDesignator) for i in sr.CodingSchemeIdentificationSequence]
+    assert PRIVATE_SCHEME in schemes
+    assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
+    observer = find_items(sr, ("121005", "DCM"), "CODE")
+    assert observer and code_value(observer[0]) == ("121007", "DCM")  # device observer
+    library = find_items(sr, ("111028", "DCM"), "CONTAINER")
+    assert library and find_items(library[0], None, "IMAGE")
+
+
+def test_tid1500_measurements_units_and_rois(scenarios: dict[str, Scenario], ct_files: list[Path]) -> None:
+    sr = scenarios["ct"].tid1500
+    assert {"[hnsf'U]", "mGy", "mGy.cm", "1"} <= num_units(sr)
+    groups = find_items(sr, ("125007", "DCM"), "CONTAINER")
+    assert len(groups) == 3  # Liver ROI, Fat ROI, Dose
+    circles = [i for i in items(sr) if i.ValueType == "SCOORD" and i.GraphicType == "CIRCLE"]
+    assert len(circles) == 2
+    dose = next(g for g in groups if "Dose" in texts(g))
+    quality = [code_value(i) for i in items(dose) if concept(i) == ("111101", "DCM")]
+    assert quality == [("PASS", PRIVATE_SCHEME)]
+    series_refs = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items(dose) if i.ValueType == "IMAGE"}
+    assert len(series_refs) == len(ct_files)  # dose measured on the series: every slice referenced
+
+
+def test_no_findings_still_makes_a_report(scenarios: dict[str, Scenario]) -> None:
+    sr = scenarios["empty_ct"].tid1500
+    groups = find_items(sr, ("125007", "DCM"), "CONTAINER")
+    assert len(groups) == 1
+    assert [code_value(i) for i in items(groups[0]) if concept(i) == ("121071", "DCM")] == [("281900007", "SCT")]
+
+
+def test_predecessors_listed(scenarios: dict[str, Scenario], predecessor: SOPRef) -> None:
+    for sr in (scenarios["ct"].tid1500, scenarios["ct"].narrative):
+        seq = sr.PredecessorDocumentsSequence
+        assert seq[0].StudyInstanceUID == predecessor.study_uid
+        ref = seq[0].ReferencedSeriesSequence[0]
+        assert ref.SeriesInstanceUID == predecessor.series_uid
+        assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == predecessor.sop_instance_uid
+    assert "PredecessorDocumentsSequence" not in scenarios["cxr"].tid1500
+
+
+# --------------------------------------------------------------------------- TID 2000 narrative
+def test_narrative_sections(scenarios: dict[str, Scenario]) -> None:
+    sr = scenarios["cxr"].narrative
+    root = sr.ConceptNameCodeSequence[0]
+    assert (root.CodeValue, root.CodingSchemeDesignator) == ("18748-4", "LN")
+    sections = {concept(i) for i in sr.ContentSequence if i.ValueType == "CONTAINER"}
+    assert {("59776-5", "LN"), ("19005-8", "LN"), ("73568-8", "LN")} <= sections
+    lang = find_items(sr, ("121049", "DCM"), "CODE")
+    assert code_value(lang[0]) == ("en", "RFC5646")
+    assert any("AI-generated draft — requires review by a physician" in t for t in texts(sr))
+    assert "Pneumothorax suspected." in texts(sr)
+    assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "PARTIAL"
+    quiet = scenarios["empty_ct"].narrative
+    assert ("73568-8", "LN") not in {concept(i) for i in quiet.ContentSequence if i.ValueType == "CONTAINER"}
+
+
+def test_chinese_narrative_round_trips(scenarios: dict[str, Scenario], tmp_path: Path) -> None:
+    sr = scenarios["zh"].narrative
+    p = tmp_path / "zh.dcm"
+    sr.save_as(p, enforce_file_format=True)
+    back = pydicom.dcmread(p)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    t = texts(back)
+    assert "右侧气胸。左侧胸腔积液。" in t and "怀疑气胸，已通知。" in t
+    assert code_value(find_items(back, ("121049", "DCM"), "CODE")[0]) == ("zh", "RFC5646")
+    assert "右侧气胸" in dsrdump(p)  # DCMTK decodes it too (-Ec: UTF-8 console)
+
+
+# --------------------------------------------------------------------------- unverified
+def test_unverified_model_said_everywhere(scenarios: dict[str, Scenario]) -> None:
+    objs = scenarios["zh"].objs
+    assert any(UNVERIFIED_TEXT in t for t in texts(scenarios["zh"].tid1500))
+    assert any(UNVERIFIED_TEXT in t for t in texts(scenarios["zh"].narrative))
+    for o in objs:
+        assert "UNVERIFIED" in o.SeriesDescription
+    sc = scenarios["zh"].by_class(SC_CLASS)[0]
+    assert UNVERIFIED_TEXT in sc.ImageComments
+    kos = scenarios["zh"].by_class(KOS_CLASS)[0]
+    assert any(UNVERIFIED_TEXT in t for t in texts(kos))
+    assert not any(UNVERIFIED_TEXT in t for t in texts(scenarios["cxr"].tid1500))
+    # panel: the orange warning line is burned in only for the unverified model
+    panel_zh = sc.pixel_array[int(sc.Rows) - 400:]
+    r, g, b = (panel_zh[..., i].astype(int) for i in range(3))
+    assert np.count_nonzero((r > 230) & (g > 120) & (g < 180) & (b < 40)) > 100
+
+
+# --------------------------------------------------------------------------- SC
+def test_fonts_are_real() -> None:
+    assert font_path("en") is not None and font_path("en").suffix.lower() in (".ttf", ".ttc", ".otf")
+    assert font_path("zh") is not None
+
+
+def test_sc_header(scenarios: dict[str, Scenario], cr: Dataset) -> None:
+    sc = scenarios["cxr"].by_class(SC_CLASS)[0]
+    assert sc.SamplesPerPixel == 3 and sc.PhotometricInterpretation == "RGB" and sc.BitsAllocated == 8
+    assert sc.BurnedInAnnotation == "YES"
+    src = sc.SourceImageSequence[0]
+    assert src.ReferencedSOPInstanceUID == cr.SOPInstanceUID
+    purpose = src.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("121322", "DCM")
+    assert "densenet121-res224-all" in sc.DerivationDescription
+    assert sc.Columns == cr.Columns and sc.Rows > cr.Rows  # 1:1 image, panel underneath
+
+
+def _expected_display(cr: Dataset) -> np.ndarray:
+    """Independent of the writer: LINEAR window from the header, then MONOCHROME1 inverted."""
+    x = cr.pixel_array.astype(float)
+    c, w = float(cr.WindowCenter), float(cr.WindowWidth)
+    y = np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+    return 255.0 - np.round(y * 255.0)
+
+
+def test_sc_polarity_monochrome1(cr: Dataset) -> None:
+    objs = encode(empty_result(), [cr], EncodeOptions())
+    sc = next(o for o in objs if o.SOPClassUID == SC_CLASS)
+    img = sc.pixel_array[: cr.Rows, : cr.Columns, 0].astype(float)
+    expected = _expected_display(cr)
+    assert np.abs(img - expected).max() <= 1.0
+    stored = cr.pixel_array.astype(float)
+    assert np.corrcoef(stored.ravel()[::97], img.ravel()[::97])[0, 1] < -0.9  # inverted, not copied
+    # lungs (lateral thirds, mid height) show darker than the mediastinum (central strip) on display
+    rows = slice(cr.Rows // 3, cr.Rows // 2)
+    cols = cr.Columns
+    lungs = np.concatenate([img[rows, cols // 5: cols // 3], img[rows, 2 * cols // 3: 4 * cols // 5]], axis=1)
+    mediastinum = img[rows, 9 * cr.Columns // 20: 11 * cr.Columns // 20]
+    assert lungs.mean() + 20 < mediastinum.mean()
+
+
+def test_sc_ct_window_and_upscale(scenarios: dict[str, Scenario], ct_files: list[Path]) -> None:
+    hs = ct_headers(ct_files)
+    sc = scenarios["empty_ct"].by_class(SC_CLASS)[0]
+    middle = hs[len(hs) // 2]
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == middle.SOPInstanceUID  # middle slice is key
+    s = upscale_factor(middle.Rows, middle.Columns)
+    assert s == 8 and sc.Columns == middle.Columns * s  # 128 px slice: panel text would not be legible 1:1
+    assert sc.PatientOrientation == ["L", "P"]  # from ImageOrientationPatient 1\0\0\0\1\0
+
+
+def test_sc_banner_and_panel(scenarios: dict[str, Scenario], cr: Dataset) -> None:
+    crit = scenarios["cxr"].by_class(SC_CLASS)[0].pixel_array
+    panel = crit[cr.Rows:]
+    assert red_pixels(panel[: panel.shape[0] // 3]) > 20_000  # the banner strip
+    assert bright_pixels(panel) > 2_000  # white panel text
+    quiet = scenarios["empty_ct"].by_class(SC_CLASS)[0].pixel_array
+    assert red_pixels(quiet) == 0
+    assert bright_pixels(quiet[quiet.shape[0] - 200:]) > 500
+
+
+def test_sc_regions_and_heatmap_drawn(scenarios: dict[str, Scenario], cr: Dataset) -> None:
+    sc = scenarios["cxr"].by_class(SC_CLASS)[0].pixel_array.astype(int)
+    plain = encode(empty_result(), [cr], EncodeOptions())[2].pixel_array.astype(int)
+    # the critical POLYLINE (red) passes through (300, 300)-(750, 280); the circle (yellow) around (1400, 1500)
+    assert red_pixels(sc[270:320, 300:750].astype(np.uint8)) > 200
+    ring = sc[1495:1506, 1490:1510]
+    assert np.count_nonzero((ring[..., 0] > 200) & (ring[..., 1] > 200) & (ring[..., 2] < 60)) > 10
+    # heat map covers rows 10..30 / cols 8..24 of a 64 grid: tinted there, untouched far away
+    hy, hx = int(20 / 64 * cr.Rows), int(16 / 64 * cr.Columns)
+    assert np.abs(sc[hy, hx] - plain[hy, hx]).sum() > 60
+    assert np.abs(sc[1800, 200] - plain[1800, 200]).sum() == 0
+
+
+def test_chart_overlay_becomes_second_sc(scenarios: dict[str, Scenario]) -> None:
+    scs = scenarios["ct"].by_class(SC_CLASS)
+    assert [int(s.InstanceNumber) for s in scs] == [1, 2]
+    chart = scs[1].pixel_array
+    assert chart.shape[1] == 480 and chart.shape[0] > 300
+    assert tuple(chart[150, 70]) == (30, 90, 200)  # pipeline pixels kept as rendered
+    assert "Noise per slice" in scs[1].DerivationDescription
+
+
+def test_laterality_copied(cr: Dataset) -> None:
+    left = copy.deepcopy(cr)
+    left.ImageLaterality = "L"
+    sc = next(o for o in encode(empty_result(), [left], EncodeOptions()) if o.SOPClassUID == SC_CLASS)
+    assert sc.Laterality == "L"
+    assert_all_valid([sc])
+
+
+# --------------------------------------------------------------------------- KOS
+def test_kos_references_and_no_concept_names(scenarios: dict[str, Scenario], cr: Dataset) -> None:
+    s = scenarios["cxr"]
+    kos = s.by_class(KOS_CLASS)[0]
+    title = kos.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113000", "DCM")
+    refs = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items(kos)
+            if i.ValueType in ("IMAGE", "COMPOSITE")}
+    assert refs == {cr.SOPInstanceUID} | {o.SOPInstanceUID for o in s.objs[:-1]}
+    assert not [i for i in items(kos) if i.ValueType in ("IMAGE", "COMPOSITE") and "ConceptNameCodeSequence" in i]
+
+
+# --------------------------------------------------------------------------- writing
+def test_write_validated_writes_all(scenarios: dict[str, Scenario], tmp_path: Path) -> None:
+    objs = scenarios["empty_ct"].objs
+    paths = write_validated(objs, tmp_path / "outbox")
+    assert sorted(p.name for p in paths) == sorted(f"{o.SOPInstanceUID}.dcm" for o in objs)
+    assert sorted(p.name for p in (tmp_path / "outbox").iterdir()) == sorted(p.name for p in paths)
+    assert pydicom.dcmread(paths[0]).SOPInstanceUID == objs[0].SOPInstanceUID
+
+
+def test_write_validated_refuses_broken_object(scenarios: dict[str, Scenario], tmp_path: Path) -> None:
+    objs = [copy.deepcopy(o) for o in scenarios["empty_ct"].objs]
+    del objs[1].CompletionFlag  # type 1 in SR Document General
+    with pytest.raises(ValidationFailed) as err:
+        write_validated(objs, tmp_path / "outbox")
+    assert "CompletionFlag" in str(err.value) or "Completion Flag" in str(err.value)
+    assert not (tmp_path / "outbox").exists() or not list((tmp_path / "outbox").iterdir())
+
+
+def test_validate_reports_a_broken_sc(scenarios: dict[str, Scenario]) -> None:
+    sc = copy.deepcopy(scenarios["empty_ct"].by_class(SC_CLASS)[0])
+    del sc.ConversionType  # type 1 in SC Equipment
+    problems = validate(sc)
+    assert problems and all(p.startswith("dciodvfy: Error") for p in problems)
+    assert any("ConversionType" in p for p in problems)
+
+
+def test_encode_time_cr(scenarios: dict[str, Scenario]) -> None:
+    s = scenarios["cxr"]
+    print(f"\nencode CR 1955x1841 (4 objects): {s.seconds:.2f} s")
+    assert s.seconds < 30
