@@ -31,7 +31,7 @@ from support.validators import (
 
 from node.results import EncodeOptions, SOPRef, ValidationFailed, encode, validate, write_validated
 from node.results.common import UNVERIFIED_TEXT
-from node.results.render import font_path, upscale_factor
+from node.results.render import TextFont, font_path, upscale_factor
 from pipelines.base import (
     PRIVATE_SCHEME,
     UCUM_HU,
@@ -371,6 +371,10 @@ def test_unverified_model_said_everywhere(scenarios: dict[str, Scenario]) -> Non
 def test_fonts_are_real() -> None:
     assert font_path("en") is not None and font_path("en").suffix.lower() in (".ttf", ".ttc", ".otf")
     assert font_path("zh") is not None
+    f = TextFont(30)
+    runs = f.runs("算法: densenet 2.1，概率")
+    assert [t for t, _ in runs] == ["算法", ": densenet 2.1", "，概率"]
+    assert runs[0][1] is f.cjk and runs[1][1] is f.latin and f.cjk is not f.latin
 
 
 def test_sc_header(scenarios: dict[str, Scenario], cr: Dataset) -> None:

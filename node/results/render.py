@@ -50,9 +50,9 @@ CJK_FONTS = [
 
 @lru_cache(maxsize=4)
 def font_path(language: str = "en") -> Path | None:
-    """A real TTF for the language; None means PIL's built-in font (logged, because it is ugly)."""
+    """A real TTF for the script; None means PIL's built-in font (logged, because it is ugly)."""
     env = os.environ.get("AINODE_FONT_CJK" if language == "zh" else "AINODE_FONT")
-    candidates = ([Path(env)] if env else []) + (CJK_FONTS if language == "zh" else LATIN_FONTS + CJK_FONTS)
+    candidates = ([Path(env)] if env else []) + (CJK_FONTS if language == "zh" else LATIN_FONTS)
     for p in candidates:
         if p.exists():
             return p
@@ -60,15 +60,60 @@ def font_path(language: str = "en") -> Path | None:
     return None
 
 
-@lru_cache(maxsize=16)
-def font(size: int, language: str = "en") -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    p = font_path(language)
-    if p is not None:
-        return ImageFont.truetype(str(p), size)
+def _load(path: Path | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if path is not None:
+        return ImageFont.truetype(str(path), size)
     try:
         return ImageFont.load_default(size)
     except TypeError:  # very old Pillow
         return ImageFont.load_default()
+
+
+def _is_cjk(ch: str) -> bool:
+    return ord(ch) >= 0x2E80  # CJK radicals onwards, incl. full-width punctuation
+
+
+class TextFont:
+    """Latin text in the Latin font, CJK runs in the CJK font.
+
+    Fallback CJK fonts (Droid Sans Fallback) have no Latin glyphs and Latin fonts no Han ones, and a
+    Chinese panel line mixes both ("算法: densenet 2.1").
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.latin = _load(font_path("en"), size)
+        self._cjk: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None
+
+    @property
+    def cjk(self) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+        if self._cjk is None:
+            self._cjk = _load(font_path("zh"), self.size)
+        return self._cjk
+
+    def runs(self, text: str) -> list[tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]]:
+        out: list[tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]] = []
+        for ch in text:
+            f = self.cjk if _is_cjk(ch) else self.latin
+            if out and out[-1][1] is f:
+                out[-1] = (out[-1][0] + ch, f)
+            else:
+                out.append((ch, f))
+        return out
+
+    def length(self, d: ImageDraw.ImageDraw, text: str) -> float:
+        return sum(d.textlength(t, font=f) for t, f in self.runs(text))
+
+    def draw(self, d: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: tuple[int, int, int]) -> None:
+        x, y = xy
+        for t, f in self.runs(text):
+            d.text((x, y), t, fill=fill, font=f)
+            x += d.textlength(t, font=f)
+
+
+@lru_cache(maxsize=16)
+def font(size: int) -> TextFont:
+    return TextFont(size)
 
 
 # --------------------------------------------------------------------------- windowing
@@ -157,7 +202,7 @@ class DrawnRegion:
 def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, language: str) -> None:
     d = ImageDraw.Draw(img)
     lw = max(2, round(max(img.size) / 600))
-    f = font(max(14, round(max(img.size) / 70)), language)
+    f = font(max(14, round(max(img.size) / 70)))
 
     def sc(p: tuple[float, float]) -> tuple[float, float]:  # pixel centres stay centres after upscaling
         return ((p[0] + 0.5) * scale - 0.5, (p[1] + 0.5) * scale - 0.5)
@@ -188,9 +233,8 @@ def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, lan
         text = dr.label or dr.region.label
         if text:
             x, y = anchor
-            box = d.textbbox((x + lw, y), text, font=f)
-            d.rectangle(box, fill=(0, 0, 0))
-            d.text((x + lw, y), text, fill=dr.colour, font=f)
+            d.rectangle([x + lw, y, x + lw + f.length(d, text), y + round(f.size * 1.2)], fill=(0, 0, 0))
+            f.draw(d, (x + lw, y), text, dr.colour)
 
 
 # --------------------------------------------------------------------------- panel
@@ -204,19 +248,24 @@ class Panel:
     language: str = "en"
 
 
-def _wrap(text: str, f: ImageFont.ImageFont, width: int, d: ImageDraw.ImageDraw) -> list[str]:
+def _wrap(text: str, f: TextFont, width: int, d: ImageDraw.ImageDraw) -> list[str]:
+    """Greedy wrap on spaces; a run with no spaces (Chinese) breaks between characters."""
     out: list[str] = []
     for para in text.split("\n"):
         line = ""
-        tokens = para.split(" ") if " " in para else list(para)
-        sep = " " if " " in para else ""
-        for tok in tokens:
-            trial = f"{line}{sep}{tok}" if line else tok
-            if d.textlength(trial, font=f) <= width or not line:
+        for word in para.split(" "):
+            trial = f"{line} {word}" if line else word
+            if f.length(d, trial) <= width:
                 line = trial
-            else:
+                continue
+            if line:
                 out.append(line)
-                line = tok
+            line = ""
+            for ch in word:  # the word alone is too long, or starts a new line
+                if line and f.length(d, line + ch) > width:
+                    out.append(line)
+                    line = ""
+                line += ch
         out.append(line)
     return out
 
@@ -228,11 +277,11 @@ def panel_font_size(width: int) -> int:
 
 def render_panel(width: int, panel: Panel) -> np.ndarray:
     size = panel_font_size(width)
-    f = font(size, panel.language)
-    fb = font(round(size * 1.25), panel.language)
+    f = font(size)
+    fb = font(round(size * 1.25))
     margin = size // 2
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    rows: list[tuple[str, tuple[int, int, int], ImageFont.ImageFont]] = []
+    rows: list[tuple[str, tuple[int, int, int], TextFont]] = []
     for text, colour in [(panel.title, WHITE)] + panel.lines:
         for ln in _wrap(text, f, width - 2 * margin, scratch):
             rows.append((ln, colour, f))
@@ -243,12 +292,11 @@ def render_panel(width: int, panel: Panel) -> np.ndarray:
     d = ImageDraw.Draw(img)
     if panel.banner:
         d.rectangle([0, 0, width - 1, banner_h - 1], fill=RED)
-        tw = d.textlength(panel.banner, font=fb)
-        d.text(((width - tw) / 2, (banner_h - fb.size) / 2 if hasattr(fb, "size") else 0), panel.banner,
-               fill=WHITE, font=fb)
+        tw = fb.length(d, panel.banner)
+        fb.draw(d, ((width - tw) / 2, (banner_h - fb.size) / 2), panel.banner, WHITE)
     y = banner_h + margin
     for text, colour, ff in rows:
-        d.text((margin, y), text, fill=colour, font=ff)
+        ff.draw(d, (margin, y), text, colour)
         y += line_h
     return np.asarray(img)
 

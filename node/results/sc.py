@@ -71,8 +71,14 @@ def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
     lines.extend((ln, WHITE) for ln in others)
     if not result.findings and not result.measurements and not result.evaluations:
         lines.append((w["none"], WHITE))
-    return Panel(title=NOT_FOR_DIAGNOSIS, lines=lines, banner="CRITICAL FINDING" if result.critical else "",
+    return Panel(title=NOT_FOR_DIAGNOSIS, lines=lines, banner=_banner(result, ctx),
                  language=ctx.language)
+
+
+def _banner(result: PipelineResult, ctx: Context) -> str:
+    if not result.critical:
+        return ""
+    return "CRITICAL FINDING" if ctx.language == "en" else f"CRITICAL FINDING / {words(ctx.language)['critical']}"
 
 
 def _regions_on(result: PipelineResult, key: ImageRef) -> list[DrawnRegion]:
