@@ -83,7 +83,7 @@ def _banner(result: PipelineResult, ctx: Context) -> str:
 
 def _regions_on(result: PipelineResult, key: ImageRef) -> list[DrawnRegion]:
     def same(r: ImageRef) -> bool:
-        return r.sop_instance_uid == key.sop_instance_uid and (r.frame or 1) == (key.frame or 1)
+        return _same_image(r, key)
 
     out = []
     for f in result.findings:
@@ -131,27 +131,61 @@ def _source_image_sequence(key: ImageRef) -> list[Dataset]:
     return [item]
 
 
+#: Besides the key image, at most this many other annotated images get their own SC.
+MAX_EXTRA_ANNOTATED = 8
+
+
+def _same_image(a: ImageRef, b: ImageRef) -> bool:
+    return a.sop_instance_uid == b.sop_instance_uid and (a.frame or 1) == (b.frame or 1)
+
+
+def _annotated_images(result: PipelineResult, key: ImageRef) -> list[ImageRef]:
+    """Images other than the key image that carry a drawn region or a heat map / mask, in result order."""
+    refs = [r.image for f in result.findings if f.present for r in f.regions]
+    refs += [m.region.image for m in result.measurements if m.region is not None]
+    refs += [o.source for o in result.overlays if o.kind in ("heatmap", "mask") and o.source is not None]
+    out: list[ImageRef] = []
+    for r in refs:
+        if not _same_image(r, key) and not any(_same_image(r, o) for o in out):
+            out.append(r)
+    return out[:MAX_EXTRA_ANNOTATED]
+
+
+def _image_sc(result: PipelineResult, sources: list[Source], ref: ImageRef, ctx: Context, series_uid: str,
+              number: int, is_key: bool) -> Dataset | None:
+    src = find(sources, ref.sop_instance_uid)
+    full = with_pixels(src) if src is not None else None
+    if src is None or full is None:
+        return None
+    grey = display_values(full, ref.frame)
+    overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask")
+                and ((o.source is None and is_key) or (o.source is not None and _same_image(o.source, ref)))]
+    pixels = compose(grey, _regions_on(result, ref), overlays, _panel(result, ctx))
+    sc = _base_sc(pixels, src.header, result, ctx, series_uid, number)
+    sc.SourceImageSequence = _source_image_sequence(ref)
+    sc.DerivationDescription = (
+        f"AI result {'summary' if is_key else 'annotation'} by {model_name(result)} {model_version(result)}: "
+        "source image windowed for display, regions and heat maps drawn, findings text burned in")[:1024]
+    return sc
+
+
 def build_secondary_captures(result: PipelineResult, sources: list[Source], key: ImageRef | None,
                              ctx: Context) -> list[Dataset]:
+    """Key image first, then other annotated images, then pipeline-rendered pictures; one series."""
     series_uid = new_uid()
     out: list[Dataset] = []
     header = sources[0].header
-    src = find(sources, key.sop_instance_uid) if key else None
-    full = with_pixels(src) if src is not None else None
-    if key is not None and full is not None:
-        grey = display_values(full, key.frame)
-        overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask")
-                    and (o.source is None or o.source.sop_instance_uid == key.sop_instance_uid)]
-        pixels = compose(grey, _regions_on(result, key), overlays, _panel(result, ctx))
-        sc = _base_sc(pixels, src.header, result, ctx, series_uid, 1)
-        sc.SourceImageSequence = _source_image_sequence(key)
-        sc.DerivationDescription = (
-            f"AI result summary by {model_name(result)} {model_version(result)}: source image windowed for "
-            f"display, regions and heat maps drawn, findings text burned in")[:1024]
-        header = src.header
-        out.append(sc)
-    else:
-        log.warning("no key image pixels for %s; summary SC omitted", result.pipeline)
+    if key is not None:
+        sc = _image_sc(result, sources, key, ctx, series_uid, 1, is_key=True)
+        if sc is None:
+            log.warning("no key image pixels for %s; summary SC omitted", result.pipeline)
+        else:
+            out.append(sc)
+            header = find(sources, key.sop_instance_uid).header  # type: ignore[union-attr]
+        for ref in _annotated_images(result, key):
+            extra = _image_sc(result, sources, ref, ctx, series_uid, len(out) + 1, is_key=False)
+            if extra is not None:
+                out.append(extra)
     for ov in result.overlays:
         if ov.kind != "image":
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import io
 import logging
 import os
 import queue
@@ -215,7 +216,7 @@ def _is_sr(ds: Dataset) -> bool:
     return str(ds.get("Modality", "")) in SR_MODALITIES
 
 
-def validate(obj: Path | Dataset) -> list[str]:
+def validate(obj: Path | Dataset | bytes) -> list[str]:
     """Problems the validators report; an empty list means valid.
 
     A missing validator counts as a problem: the node promises PACS objects that passed all three.
@@ -223,18 +224,24 @@ def validate(obj: Path | Dataset) -> list[str]:
     return validate_many([obj])[0]
 
 
-def validate_many(objs: list[Path | Dataset]) -> list[list[str]]:
-    """Validate several objects at once, all validator processes sharing one pool."""
+def encode_part10(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def validate_many(objs: list[Path | Dataset | bytes]) -> list[list[str]]:
+    """Validate several objects at once (datasets, files or Part 10 bytes), sharing one process pool."""
     with tempfile.TemporaryDirectory(prefix="ainode-validate-") as tmp:
         jobs: list[tuple[Path, bool]] = []
         for i, obj in enumerate(objs):
-            if isinstance(obj, Dataset):
+            if isinstance(obj, (Dataset, bytes)):
+                data = obj if isinstance(obj, bytes) else encode_part10(obj)
                 path = Path(tmp) / f"{i}.dcm"
-                obj.save_as(path, enforce_file_format=True)
-                jobs.append((path, _is_sr(obj)))
+                path.write_bytes(data)
             else:
                 path = Path(obj)
-                jobs.append((path, _is_sr(pydicom.dcmread(path, stop_before_pixels=True))))
+            jobs.append((path, _is_sr(pydicom.dcmread(path, stop_before_pixels=True))))
         workers = max(2, min(8, sum(3 if sr else 1 for _, sr in jobs)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # PixelMed first: its JVM start is the long pole, the others finish while it warms up.
@@ -263,19 +270,20 @@ def write_validated(datasets: list[Dataset], directory: Path) -> list[Path]:
     fails, nothing is written and ValidationFailed carries the validators' lines.
     """
     directory = Path(directory)
-    reports = validate_many(list(datasets))
+    blobs = [encode_part10(ds) for ds in datasets]  # what is validated is byte for byte what is written
+    reports = validate_many(list(blobs))
     failed = [(ds, probs) for ds, probs in zip(datasets, reports) if probs]
     if failed:
         lines = [f"{_describe(ds)}: {p}" for ds, probs in failed for p in probs]
         raise ValidationFailed("result objects failed validation:\n" + "\n".join(lines), lines)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for ds in datasets:
+    for ds, blob in zip(datasets, blobs):
         final = directory / f"{ds.SOPInstanceUID}.dcm"
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=directory)
         try:
             with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
+                fh.write(blob)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp_name, final)
