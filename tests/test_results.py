@@ -31,7 +31,7 @@ from support.validators import (
 
 from node.results import EncodeOptions, SOPRef, ValidationFailed, encode, validate, write_validated
 from node.results.common import UNVERIFIED_TEXT
-from node.results.render import TextFont, font_path, upscale_factor
+from node.results.render import TextFont, display_values, font_path, upscale_factor
 from pipelines.base import (
     PRIVATE_SCHEME,
     UCUM_HU,
@@ -129,7 +129,7 @@ def ct_result(files: list[Path]) -> PipelineResult:
         model=ModelIdentity("ct-noise", "1.0", sha256=SHA, verified=True),
         measurements=[
             Measurement(Code("112181", "DCM", "Mean attenuation"), 58.2, UCUM_HU, "Liver ROI", region=roi_liver,
-                        site=Code("10200004", "SCT", "Liver")),
+                        site=Code("10200004", "SCT", "Liver"), derivation=Code("373098007", "SCT", "Mean")),
             Measurement(Code("112183", "DCM", "SD of attenuation"), 11.4, UCUM_HU, "Liver ROI", region=roi_liver),
             Measurement(Code("112181", "DCM", "Mean attenuation"), -98.0, UCUM_HU, "Fat ROI", region=roi_fat),
             Measurement(Code("CNR", PRIVATE_SCHEME, "Contrast-to-noise ratio"), 13.7,
@@ -296,6 +296,10 @@ def test_tid1500_measurements_units_and_rois(scenarios: dict[str, Scenario], ct_
     assert len(groups) == 3  # Liver ROI, Fat ROI, Dose
     circles = [i for i in items(sr) if i.ValueType == "SCOORD" and i.GraphicType == "CIRCLE"]
     assert len(circles) == 2
+    derivations = [code_value(i) for i in find_items(sr, ("121401", "DCM"), "CODE")]
+    assert derivations == [("373098007", "SCT")]
+    sites = [code_value(i) for i in find_items(sr, ("363698007", "SCT"), "CODE")]
+    assert ("10200004", "SCT") in sites
     dose = next(g for g in groups if "Dose" in texts(g))
     quality = [code_value(i) for i in items(dose) if concept(i) == ("111101", "DCM")]
     assert quality == [("PASS", PRIVATE_SCHEME)]
@@ -411,6 +415,18 @@ def test_sc_polarity_monochrome1(cr: Dataset) -> None:
     lungs = np.concatenate([img[rows, cols // 5: cols // 3], img[rows, 2 * cols // 3: 4 * cols // 5]], axis=1)
     mediastinum = img[rows, 9 * cr.Columns // 20: 11 * cr.Columns // 20]
     assert lungs.mean() + 20 < mediastinum.mean()
+
+
+def test_voi_lut_sequence_is_used() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]  # 256 entries from stored-after-rescale 0, 8-bit output
+    item.LUTData = list(range(255, -1, -1))  # an inverting LUT: a writer that ignores it shows the wrong polarity
+    ds.VOILUTSequence = [item]
+    del ds.RescaleSlope, ds.RescaleIntercept
+    x = ds.pixel_array.astype(int)
+    expected = 255 - np.clip(x, 0, 255)
+    assert np.array_equal(display_values(ds).astype(int), expected)
 
 
 def test_sc_ct_window_and_upscale(scenarios: dict[str, Scenario], ct_files: list[Path]) -> None:

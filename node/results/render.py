@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.pixels import apply_modality_lut
 
 from pipelines.base import Overlay, Region
 
@@ -139,10 +139,8 @@ def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax(arr)
     x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        y = np.asarray(apply_voi(x, ds, index=0), dtype=np.float64)
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        norm = y / float(2 ** bits - 1)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) and "LUTData" in ds.VOILUTSequence[0]:
+        norm = voi_lut(x, ds.VOILUTSequence[0])
     elif "WindowCenter" in ds and "WindowWidth" in ds and str(ds.WindowWidth) != "":
         c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
         if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID":
@@ -155,6 +153,21 @@ def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         norm = 1.0 - norm
     return np.round(norm * 255.0).astype(np.uint8)
+
+
+def voi_lut(x: np.ndarray, item: Dataset) -> np.ndarray:
+    """PS3.3 C.11.2.1.1 VOI LUT, to [0, 1]; inputs outside the table take its first / last entry.
+
+    Done here rather than with pydicom's apply_voi, which wraps out-of-range input modulo the output
+    bit depth (seen with pydicom 3.0.2 and an 8-bit table).
+    """
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536
+    data = item.LUTData
+    lut = np.frombuffer(data, "<u2") if isinstance(data, bytes) else np.asarray(data, dtype=np.float64).ravel()
+    lut = lut[:n].astype(np.float64)
+    idx = np.clip(np.round(x).astype(np.int64) - first, 0, len(lut) - 1)
+    return np.clip(lut[idx] / float(2 ** bits - 1), 0.0, 1.0)
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:

@@ -114,6 +114,7 @@ class PixelMedServer:
 
     def __init__(self, classes: Path):
         self.classes = classes
+        self.pid = os.getpid()
         self.lock = threading.Lock()
         self.proc: subprocess.Popen[str] | None = None
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -183,6 +184,8 @@ def _pixelmed_server() -> PixelMedServer | None:
     if os.environ.get("AINODE_PIXELMED_SERVER", "1") == "0":
         return None
     with _server_lock:
+        if _server is not None and _server.pid != os.getpid():  # forked (Celery prefork): never share pipes
+            _server = None
         if _server is None:
             classes = _server_classes()
             if classes is None:
