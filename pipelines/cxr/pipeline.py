@@ -47,7 +47,6 @@ from pipelines.models import ModelRunner, band, load_model
 
 log = logging.getLogger(__name__)
 
-CXR_PROCEDURE = Code("43468-8", "LN", "XR unspecified body region")
 DEFAULT_MODEL = "xrv-densenet121-res224-all"
 
 
@@ -132,7 +131,8 @@ class CXRPipeline(Pipeline):
         probs = outs[m.output.probabilities]
         cams = outs.get(m.output.cam) if m.output.cam else None
 
-        result = PipelineResult(self.name, self.version, model=runner.identity, procedure=CXR_PROCEDURE)
+        # procedure left None: the results writer picks the code each SR template accepts for CR/DX
+        result = PipelineResult(self.name, self.version, model=runner.identity)
         result.key_images = [im.ref for im in images]
         if refused:
             result.warnings.append("images not analysed: " + "; ".join(refused))
