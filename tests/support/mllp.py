@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Iterable
 
 import hl7
@@ -59,6 +60,7 @@ class MLLPListener:
         self.silent = silent
         self.messages: list[hl7.Message] = []
         self.raw: list[bytes] = []
+        self.received_at: list[float] = []  # time.time() of each message, for latency measurements
         self.answered: list[str] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -66,6 +68,7 @@ class MLLPListener:
     def _received(self, raw: bytes, sock: socket.socket) -> None:
         msg = hl7.parse(raw.decode("utf-8").strip("\r\n"))
         with self._cond:
+            self.received_at.append(time.time())
             self.raw.append(raw)
             self.messages.append(msg)
             code = self._acks.pop(0) if self._acks else self.default_ack
