@@ -380,6 +380,13 @@ def test_windowing_voi_lut_window_and_percentiles():
     ds.VOILUTSequence = [lut]
     out, how = window(px.astype(np.uint16), ds, None)
     assert how == "VOI LUT" and out[32, 0] > 0.6  # the square-root LUT brightens the mid-tones
+    assert out[0, 0] == 0 and out[-1, -1] == pytest.approx(1.0, abs=1e-4)
+    # values past the LUT's input range clamp to its ends (they must not wrap round to dark)
+    lut.LUTDescriptor = [2048, 1024, 16]
+    lut.LUTData = list((np.arange(2048) * 32).astype(int))
+    out, _ = window(px, ds, None)
+    assert out[0, 0] == 0 and out[-1, -1] == pytest.approx(2047 * 32 / 65535)
+    assert np.all(np.diff(out.ravel()) >= 0)
 
 
 def test_api_key_from_environment(model_dir, chat_server, monkeypatch):

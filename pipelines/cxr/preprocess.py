@@ -88,6 +88,24 @@ def header_window(header: Any) -> tuple[float, float] | None:
         return None
 
 
+def voi_lut(arr: np.ndarray, item: Any) -> np.ndarray:
+    """Look values up in one VOI LUT item, scaled to [0, 1] by the LUT's bit depth.
+
+    Done here rather than with pydicom's helper so that values outside the LUT's input range clamp
+    to its first/last entry as PS3.3 C.11.2.1.2 says, instead of wrapping.
+    """
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536
+    data = item.LUTData
+    lut = np.frombuffer(data, dtype="<u2" if bits > 8 else "u1") if isinstance(data, bytes) \
+        else np.asarray(data, dtype=np.float64).ravel()
+    lut = lut[:n]
+    if first > 32767 and float(arr.min()) < 0:  # first value mapped is signed for signed data
+        first -= 65536
+    idx = np.clip(np.rint(arr).astype(np.int64) - first, 0, len(lut) - 1)
+    return (lut[idx].astype(np.float32) / float(2 ** bits - 1)).clip(0.0, 1.0)
+
+
 def window(pixels: np.ndarray, header: Any, fallback: tuple[float, float] | None) -> tuple[np.ndarray, str]:
     """Apply the VOI LUT or window the image says it wants, else a robust percentile window; returns [0, 1].
 
@@ -96,15 +114,11 @@ def window(pixels: np.ndarray, header: Any, fallback: tuple[float, float] | None
     """
     arr = pixels.astype(np.float32)
     fallback = header_window(header) or fallback
-    if header is not None and "VOILUTSequence" in header:
+    if header is not None and "VOILUTSequence" in header and len(header.VOILUTSequence):
         try:
-            from pydicom.pixels import apply_voi_lut
-
-            # LUT input is the modality LUT output, looked up as integers
-            out = np.asarray(apply_voi_lut(np.rint(arr).astype(np.int32), header), dtype=np.float32)
-            lo, hi = float(out.min()), float(out.max())
-            if hi > lo:
-                return (out - lo) / (hi - lo), "VOI LUT"
+            out = voi_lut(arr, header.VOILUTSequence[0])
+            if float(out.max()) > float(out.min()):
+                return out, "VOI LUT"
         except Exception:  # a malformed LUT must not sink the study; fall back to window/percentiles
             pass
     if fallback is not None and fallback[1] > 1:
