@@ -91,7 +91,7 @@ def _probability(f: Finding, result: PipelineResult, regions: list[Region] | Non
     """Probability NUM; in a TID 1501 group the regions hang off it as INFERRED FROM SCOORD (TID 300)."""
     if f.probability is None:
         return []
-    return [Measurement(C.PROBABILITY, float(f.probability), C.concept(UCUM_RATIO), algorithm_id=algorithm(result),
+    return [Measurement(C.PROBABILITY, float(f.probability), C.concept(UCUM_RATIO),
                         referenced_coordinates=[_coords(r) for r in regions] if regions else None)]
 
 
@@ -121,7 +121,7 @@ def _measurement(m: ResultMeasurement, result: PipelineResult, with_coords: bool
     if with_coords and m.region is not None:
         coords = [_coords(m.region)]
     return Measurement(
-        C.concept(m.code), float(m.value), C.concept(m.unit), algorithm_id=algorithm(result),
+        C.concept(m.code), float(m.value), C.concept(m.unit),
         derivation=C.concept(m.derivation) if m.derivation else None,
         finding_sites=[FindingSite(C.concept(m.site))] if m.site else None, referenced_coordinates=coords)
 

@@ -81,10 +81,12 @@ SERVER_READY = "@@AINODE-READY@@"
 
 
 def _server_classes() -> Path | None:
-    """Compile the long-lived validator once per source/jar version; None when no javac (JRE only)."""
+    """Where SRValidatorServer.class is: compiled once per source/jar version when a JDK is present,
+    else the copy shipped next to the source (built with ``javac --release 11``), else None."""
     javac = shutil.which("javac")
+    shipped = SERVER_SOURCE.parent if (SERVER_SOURCE.parent / "SRValidatorServer.class").exists() else None
     if javac is None or not SERVER_SOURCE.exists():
-        return None
+        return shipped
     digest = hashlib.sha256(SERVER_SOURCE.read_bytes() + str(Path(PIXELMED_JAR).stat().st_mtime).encode())
     cache = Path(os.environ.get("AINODE_CACHE_DIR", Path.home() / ".cache" / "ainode"))
     target = cache / f"pixelmed-server-{digest.hexdigest()[:12]}"
@@ -97,7 +99,7 @@ def _server_classes() -> Path | None:
         log.warning("could not compile the PixelMed validator server (%s); using the command-line tool",
                     p.stderr.strip()[-300:])
         shutil.rmtree(tmp, ignore_errors=True)
-        return None
+        return shipped
     try:
         os.replace(tmp, target)
     except OSError:  # another worker won the race; theirs is identical
