@@ -428,7 +428,8 @@ class Notifier:
     """
 
     def __init__(self, state: State, channels: list[WebhookChannel | HL7Channel] | NotifyConfig, *,
-                 poll_interval_s: float | None = None, max_workers: int = 4, rng: random.Random | None = None):
+                 poll_interval_s: float | None = None, max_workers: int | None = None,
+                 rng: random.Random | None = None):
         cfg = channels if isinstance(channels, NotifyConfig) else NotifyConfig(channels=list(channels))
         self.enabled = cfg.enabled
         self.per_job = cfg.dedupe == "job"
@@ -439,7 +440,10 @@ class Notifier:
         # Only the listener owns this database: anything 'sending' now was cut off by a crash.
         self.state.execute("UPDATE notify_deliveries SET state='pending' WHERE state='sending'")
         self._rng = rng or random.Random()
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="notify")
+        # enough threads that every channel can have a couple of hung attempts without starving the others
+        workers = max_workers or max(4, 2 * len(self.channels))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="notify")
+        self._stopped = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -533,42 +537,57 @@ class Notifier:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._stopped = True
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_quietly()
             wait = self.poll_interval_s
-            row = self.state.one("SELECT MIN(next_attempt) AS t FROM notify_deliveries WHERE state='pending'")
-            if row is not None and row["t"] is not None:
-                wait = max(0.01, min(wait, row["t"] - time.time()))
+            try:
+                row = self.state.one("SELECT MIN(next_attempt) AS t FROM notify_deliveries WHERE state='pending'")
+                if row is not None and row["t"] is not None:
+                    wait = max(0.01, min(wait, row["t"] - time.time()))
+            except Exception as exc:  # database closed under us during shutdown
+                log.debug("notifier loop: %s", exc)
             self._wake.wait(wait)
             self._wake.clear()
 
     def _run_quietly(self) -> None:
         try:
-            self.run_once()
+            self.run_once(wait=False)
         except Exception:  # the loop must survive a bad row or a closed database during shutdown
             log.exception("notification delivery pass failed")
 
-    def run_once(self) -> int:
-        """Attempt every due delivery once (channels in parallel); returns how many were attempted."""
+    def run_once(self, wait: bool = True) -> int:
+        """Start every due delivery (channels in parallel); returns how many were started.
+
+        ``wait=False`` (the background loop) returns once they are handed to the pool, so a RIS that hangs
+        until its timeout never delays the next event's webhook; ``wait=True`` (tests, tools) waits for them.
+        """
+        if self._stopped:
+            return 0
         with self._run_lock:
             now = time.time()
             rows = self.state.query(
                 "SELECT d.event_id, d.channel, d.attempts, d.control_id, e.payload, e.created AS ev_created"
                 " FROM notify_deliveries d JOIN notify_events e USING(event_id)"
                 " WHERE d.state='pending' AND d.next_attempt<=? ORDER BY d.next_attempt", (now,))
-            claimed = []
+            futures = []
             for r in rows:
                 if self.state.execute("UPDATE notify_deliveries SET state='sending' WHERE event_id=? AND channel=?"
-                                      " AND state='pending'", (r["event_id"], r["channel"])) == 1:
-                    claimed.append(_Due(r["event_id"], r["channel"], r["attempts"], r["control_id"], r["payload"],
-                                        r["ev_created"]))
-            futures = [self._pool.submit(self._attempt, d) for d in claimed]
+                                      " AND state='pending'", (r["event_id"], r["channel"])) != 1:
+                    continue  # another pass took it
+                due = _Due(r["event_id"], r["channel"], r["attempts"], r["control_id"], r["payload"], r["ev_created"])
+                try:
+                    futures.append(self._pool.submit(self._attempt, due))
+                except RuntimeError:  # pool shut down (stopping): leave it for the next start
+                    self.state.execute("UPDATE notify_deliveries SET state='pending' WHERE event_id=? AND channel=?",
+                                       (due.event_id, due.channel))
+        if wait:
             for f in futures:
                 f.result()
-            return len(claimed)
+        return len(futures)
 
     def _attempt(self, due: _Due) -> None:
         attempt = due.attempts + 1
@@ -616,6 +635,7 @@ class Notifier:
                            (attempt, started, error, now + delay, due.event_id, due.channel))
         log.warning("critical event %s via %s: attempt %d failed (%s); retrying in %.1f s", due.event_id,
                     due.channel, attempt, error, delay)
+        self._wake.set()  # the loop may be sleeping past this retry's due time
 
     def backoff(self, channel: WebhookChannel | HL7Channel, attempt: int) -> float:
         """Delay before attempt ``attempt + 1``: base·2^(attempt-1), capped, minus up to ``jitter`` of it."""

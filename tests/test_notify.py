@@ -466,3 +466,27 @@ def test_notify_job_reads_result_and_study_facts(state: State, tmp_path) -> None
     _result(critical=False).save(tmp_path / "results" / "job-3")
     assert notifier.notify_job({"job_id": "job-3", "study_uid": ds.StudyInstanceUID,
                                 "result_dir": str(tmp_path / "results" / "job-3")}, {}) == []
+
+
+def test_hung_channel_does_not_delay_other_channels(state: State, hook: _Hook) -> None:
+    with MLLPListener(silent=True) as rx:  # a RIS that accepts and never answers
+        notifier = Notifier(state, [_hl7(rx.port, timeout_s=3), _webhook(f"http://127.0.0.1:{hook.server_port}/")],
+                            poll_interval_s=0.05)
+        notifier.start()
+        try:
+            t0 = time.perf_counter()
+            notifier.notify(_event())
+            hook.wait_for(1, timeout=2)
+            first = time.perf_counter() - t0
+            second = _event(verified=True)  # another study arriving while the RIS still hangs
+            second.study_uid = "1.2.826.0.1.3680043.8.498.99"
+            notifier.notify(second)
+            hook.wait_for(2, timeout=2)
+            assert first < 1.0 and time.perf_counter() - t0 < 2.0
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and notifier.log(second.study_uid)[0]["state"] != "sent":
+                time.sleep(0.01)
+            states = {r["channel"]: r["state"] for r in notifier.log(second.study_uid)}
+            assert states["pager"] == "sent" and states["ris"] in ("sending", "pending")
+        finally:
+            notifier.stop()
