@@ -239,6 +239,9 @@ def status_data(cfg: Config, limit: int = 200) -> dict[str, Any]:
         }
         if "deliveries" in tables:
             entry["delivery"] = _delivery_summary(conn, s["study_uid"])
+            dl = entry["delivery"].values()
+            entry["delivered"] = max((d["last_sent"] or 0 for d in dl), default=None) or None \
+                if dl and all(d["delivered"] for d in dl) else None
         studies.append(entry)
     conn.close()
     return {"node": {"ae_title": cfg.node.ae_title, "port": cfg.node.port,
@@ -246,12 +249,20 @@ def status_data(cfg: Config, limit: int = 200) -> dict[str, Any]:
 
 
 def _delivery_summary(conn: Any, study_uid: str) -> dict[str, Any]:
-    try:
-        from node.delivery import summary_from_connection
-
-        return summary_from_connection(conn, study_uid)
-    except Exception:
-        return {}
+    """Per destination: rows per state, when the last one went out, and the last error."""
+    out: dict[str, Any] = {}
+    for r in conn.execute("SELECT destination, state, COUNT(*) n, MAX(sent) last_sent, MAX(committed) committed"
+                          " FROM deliveries WHERE study_uid=? GROUP BY destination, state", (study_uid,)):
+        d = out.setdefault(r["destination"], {"states": {}, "last_sent": None, "last_error": None})
+        d["states"][r["state"]] = r["n"]
+        if r["last_sent"]:
+            d["last_sent"] = max(d["last_sent"] or 0, r["last_sent"])
+    for r in conn.execute("SELECT destination, last_error FROM deliveries WHERE study_uid=? AND last_error IS NOT"
+                          " NULL ORDER BY last_attempt", (study_uid,)):
+        out[r["destination"]]["last_error"] = r["last_error"]
+    for d in out.values():
+        d["delivered"] = set(d["states"]) <= {"sent", "committed"}
+    return out
 
 
 def _ts(t: float | None) -> str:
@@ -276,7 +287,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for e in s["errors"]:
             print(f"{'':<40} error: {e}")
         for dest, d in (s.get("delivery") or {}).items():
-            print(f"{'':<40} delivery {dest}: {d}")
+            states = ", ".join(f"{k} {v}" for k, v in sorted(d["states"].items()))
+            err = f"; last error: {d['last_error']}" if d["last_error"] and not d["delivered"] else ""
+            print(f"{'':<40} -> {dest}: {states}; last sent {_ts(d['last_sent'])}{err}")
     return 0
 
 

@@ -120,6 +120,14 @@ class DestinationConfig(_Strict):
         return self
 
 
+class DeliveryConfig(_Strict):
+    """How the outbox retries; per destination ``retry_max_hours`` says when to give up."""
+
+    retry_base_seconds: float = Field(30.0, gt=0)
+    retry_max_delay_seconds: float = Field(3600.0, gt=0)
+    poll_seconds: float = Field(5.0, gt=0)
+
+
 MatchValue = str | int | float | list[str | int | float] | dict[str, Any]
 
 
@@ -153,6 +161,7 @@ class Config(_Strict):
     workers: WorkersConfig = WorkersConfig()
     peers: list[PeerConfig] = []
     destinations: list[DestinationConfig] = []
+    delivery: DeliveryConfig = DeliveryConfig()
     routes: list[RouteConfig] = []
     pipelines: dict[str, dict[str, Any]] = {}
 

@@ -26,7 +26,8 @@ from node.tasks import JobSpec, send_job
 
 log = logging.getLogger(__name__)
 
-SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # SR storage classes (and KOS, excluded below)
 ACTIVE = ("pending", "queued", "started")
 
 
@@ -114,7 +115,7 @@ class JobManager:
                 h = pydicom.dcmread(f, stop_before_pixels=True)
             except Exception:
                 continue
-            if str(h.SOPClassUID).startswith(SR_CLASS_PREFIX):
+            if str(h.SOPClassUID).startswith(SR_CLASS_PREFIX) and str(h.SOPClassUID) != KOS_CLASS:
                 refs.append({"study_uid": str(h.StudyInstanceUID), "series_uid": str(h.SeriesInstanceUID),
                              "sop_instance_uid": str(h.SOPInstanceUID), "sop_class_uid": str(h.SOPClassUID)})
         return refs

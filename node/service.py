@@ -69,12 +69,12 @@ class Listener:
     def _start_delivery(self) -> None:
         if not self.cfg.destinations:
             return
-        try:
-            from node.delivery import DeliveryService
-        except ImportError:
-            log.warning("node.delivery not available: results stay in the outbox")
-            return
-        self.delivery = DeliveryService(self.state, self.cfg.destinations, self.storage, self.cfg.node.ae_title)
+        from node.delivery import BackoffPolicy, DeliveryService
+
+        d = self.cfg.delivery
+        self.delivery = DeliveryService(self.state, self.cfg.destinations, self.storage, self.cfg.node.ae_title,
+                                        backoff=BackoffPolicy(d.retry_base_seconds, d.retry_max_delay_seconds),
+                                        poll_interval_s=d.poll_seconds)
         self.delivery.start()
 
     def recover(self) -> None:

@@ -816,6 +816,7 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
               window: tuple[float, float]) -> list[Overlay]:
     out: list[Overlay] = []
     main = analyses[0]
+    keys: list[tuple[np.ndarray, Any, str]] = []
     for a in analyses:
         px = a.series.pixels
         assert px is not None
@@ -825,9 +826,8 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
                     st.roi.radius_mm / a.geom.col_spacing, st.roi.radius_mm / a.geom.row_spacing)
                    for st in a.stats if st.frame == a.key_frame]
         title = f"{a.name}  GNL {a.gnl.value:.1f} HU" if a.gnl.value is not None else a.name
-        out.append(Overlay(f"key-slice-{a.series.series_uid[-6:]}", "image", render.key_slice(img, circles, title),
-                           source=ref, caption=f"{a.name}: ROIs (label: tissue and SD in HU)"))
-        if a is main or len(analyses) <= 3:
+        keys.append((render.key_slice(img, circles, title), ref, a.name))
+        if a is main:
             k = a.gnl.kernel_px
             m, sd = local_mean_sd(img, k)
             valid = tissue_centres(m, k, window, img > -1500, a.gnl.step_limit)
@@ -837,6 +837,15 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
             out.append(Overlay(f"noise-map-{a.series.series_uid[-6:]}", "image",
                                render.noise_map(img, sd, valid, vmax, f"Local noise (SD, {k}x{k} px) {a.name}"),
                                source=ref, caption="Local SD over soft tissue (texture-corrected)"))
+    # one picture for all reconstructions: the same ROIs side by side, as a reader would compare them
+    if len(keys) == 1:
+        out.insert(0, Overlay(f"key-slice-{main.series.series_uid[-6:]}", "image", keys[0][0], source=keys[0][1],
+                              caption=f"{keys[0][2]}: ROIs (label: tissue and SD in HU)"))
+    elif keys:
+        h = max(k[0].shape[0] for k in keys)
+        tiles = [np.pad(k[0], ((0, h - k[0].shape[0]), (0, 4), (0, 0))) for k in keys]
+        out.insert(0, Overlay("key-slices", "image", np.ascontiguousarray(np.hstack(tiles)), source=keys[0][1],
+                              caption="Same ROIs on every reconstruction: " + ", ".join(k[2] for k in keys)))
     curves = [(a.name, a.z, a.gnl.per_slice) for a in analyses if len(a.z) > 1]
     if curves:
         out.append(Overlay("noise-profile", "image",
