@@ -490,3 +490,18 @@ def test_hung_channel_does_not_delay_other_channels(state: State, hook: _Hook) -
             assert states["pager"] == "sent" and states["ris"] in ("sending", "pending")
         finally:
             notifier.stop()
+
+
+def test_secret_from_environment(state: State, hook: _Hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"http://127.0.0.1:{hook.server_port}/"
+    notifier = Notifier(state, [_webhook(url, secret=None, secret_env="AINODE_TEST_HOOK_SECRET")])
+    ev = _event()
+    notifier.record(ev)
+    monkeypatch.delenv("AINODE_TEST_HOOK_SECRET", raising=False)
+    notifier.run_once()  # unset variable: an attempt that fails with a reason, not a crash
+    [row] = notifier.log(ev.study_uid)
+    assert row["state"] == "pending" and "AINODE_TEST_HOOK_SECRET" in row["last_error"] and not hook.requests
+    monkeypatch.setenv("AINODE_TEST_HOOK_SECRET", "from-env")
+    _wait_state(notifier, ev.study_uid, "sent")
+    headers, body = hook.requests[0]
+    assert headers["X-AINode-Signature"] == "sha256=" + hmac.new(b"from-env", body, hashlib.sha256).hexdigest()
