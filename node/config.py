@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.notify import NotifyConfig
+
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
@@ -162,6 +164,7 @@ class Config(_Strict):
     peers: list[PeerConfig] = []
     destinations: list[DestinationConfig] = []
     delivery: DeliveryConfig = DeliveryConfig()
+    notify: NotifyConfig = NotifyConfig()
     routes: list[RouteConfig] = []
     pipelines: dict[str, dict[str, Any]] = {}
 

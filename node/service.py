@@ -50,6 +50,7 @@ class Listener:
     def start(self) -> None:
         self.recover()
         self._start_delivery()
+        self._start_notifier()
         self.scp.start()
         self._thread = threading.Thread(target=self._loop, name="ainode-scheduler", daemon=True)
         self._thread.start()
@@ -76,6 +77,14 @@ class Listener:
                                         backoff=BackoffPolicy(d.retry_base_seconds, d.retry_max_delay_seconds),
                                         poll_interval_s=d.poll_seconds)
         self.delivery.start()
+
+    def _start_notifier(self) -> None:
+        if not (self.cfg.notify.enabled and self.cfg.notify.channels):
+            return
+        from node.notify import Notifier
+
+        self.notifier = Notifier(self.state, self.cfg.notify)
+        self.notifier.start()
 
     def recover(self) -> None:
         """Make the state database agree with the spool after any kind of stop."""
