@@ -324,6 +324,20 @@ def test_predecessors_listed(scenarios: dict[str, Scenario], predecessor: SOPRef
     assert "PredecessorDocumentsSequence" not in scenarios["cxr"].tid1500
 
 
+def test_each_sr_supersedes_its_own_kind(cr: Dataset) -> None:
+    study = str(cr.StudyInstanceUID)
+    old_tid1500 = SOPRef(study, generate_uid(), generate_uid(), "1.2.840.10008.5.1.4.1.1.88.33")
+    old_narrative = SOPRef(study, generate_uid(), generate_uid(), "1.2.840.10008.5.1.4.1.1.88.22")
+    objs = encode(empty_result(), [cr], EncodeOptions(predecessors=[old_tid1500, old_narrative]))
+
+    def listed(sr: Dataset) -> list[str]:
+        return [r.ReferencedSOPInstanceUID for s in sr.PredecessorDocumentsSequence
+                for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence]
+
+    assert listed(objs[0]) == [old_tid1500.sop_instance_uid]
+    assert listed(objs[1]) == [old_narrative.sop_instance_uid]
+
+
 # --------------------------------------------------------------------------- TID 2000 narrative
 def test_narrative_sections(scenarios: dict[str, Scenario]) -> None:
     sr = scenarios["cxr"].narrative

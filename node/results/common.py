@@ -11,12 +11,15 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
 )
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines.base import PipelineResult
 
 from .sources import SOPRef
 
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+MEASUREMENT_SR = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
 UNVERIFIED_TEXT = "UNVERIFIED MODEL — NOT FOR CLINICAL USE"
 DRAFT_TEXT = "AI-generated draft — requires review by a physician"
 NOT_FOR_DIAGNOSIS = "AI RESULT — NOT FOR DIAGNOSIS"
@@ -37,6 +40,17 @@ class Context:
 
     def series_number(self, offset: int) -> int:
         return self.series_number_base + offset
+
+    def previous_versions(self, narrative: bool) -> list[Dataset] | None:
+        """Predecessors of the same kind (measurement SR <- measurement SR, narrative <- narrative).
+
+        A caller that hands us every SR of the previous run gets each new document pointing at the
+        one it replaces; predecessors of unknown kind are listed on both rather than dropped.
+        """
+        kind = [p for p in self.predecessors if (p.sop_class_uid == ENHANCED_SR) == narrative]
+        other = [p for p in self.predecessors if p.sop_class_uid not in MEASUREMENT_SR | {ENHANCED_SR}]
+        chosen = kind + [p for p in other if p not in kind] if kind else list(self.predecessors)
+        return [p.as_dataset() for p in chosen] or None
 
 
 def model_name(result: PipelineResult) -> str:

@@ -136,7 +136,7 @@ def build_narrative(result: PipelineResult, sources: list[Source], ctx: Context)
         evidence=evidence, content=root, series_instance_uid=new_uid(), series_number=ctx.series_number(1),
         sop_instance_uid=new_uid(), instance_number=1, manufacturer=ctx.manufacturer,
         institution_name=ctx.institution or None,
-        previous_versions=[p.as_dataset() for p in ctx.predecessors] or None,
+        previous_versions=ctx.previous_versions(narrative=True),
         specific_character_set=CHARSET, series_description=series_description(result, "report"),
         record_evidence=True)
     C.declare_private_scheme(sr)

@@ -256,7 +256,7 @@ def build_measurement_report(result: PipelineResult, sources: list[Source], key:
         evidence=evidence, content=report[0], series_instance_uid=new_uid(),
         series_number=ctx.series_number(0), sop_instance_uid=new_uid(), instance_number=1,
         manufacturer=ctx.manufacturer, institution_name=ctx.institution or None,
-        previous_versions=[p.as_dataset() for p in ctx.predecessors] or None,
+        previous_versions=ctx.previous_versions(narrative=False),
         performed_procedure_codes=[procedure], specific_character_set=CHARSET,
         series_description=series_description(result, "measurements"))
     C.declare_private_scheme(sr)
