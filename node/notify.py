@@ -484,15 +484,20 @@ class Notifier:
 
         study_uid = str(job["study_uid"])
         result_dir = job.get("result_dir") or summary.get("result_dir")
-        if not result_dir:
-            log.error("critical job %s has no result directory; cannot notify", job.get("job_id"))
+        try:
+            if not result_dir:
+                raise ValueError("the job has no result directory")
+            result = PipelineResult.load(result_dir)
+            tags = self.study_tags(study_uid)
+            row = self.state.one("SELECT first_received, completed FROM studies WHERE study_uid=?", (study_uid,))
+            times = {"received": row["first_received"] if row else None,
+                     "completed": row["completed"] if row else None,
+                     "detected": summary.get("finished") or time.time(), "job_id": job.get("job_id") or ""}
+            return [self.notify(e) for e in events_from_result(result, tags, times)]
+        except Exception as exc:  # never break the caller's job bookkeeping; say loudly that nobody was told
+            log.exception("critical result of job %s (study %s) could not be notified", job.get("job_id"), study_uid)
+            self.state.event("notify_failed", f"job {job.get('job_id')}: {type(exc).__name__}: {exc}", study_uid)
             return []
-        result = PipelineResult.load(result_dir)
-        tags = self.study_tags(study_uid)
-        row = self.state.one("SELECT first_received, completed FROM studies WHERE study_uid=?", (study_uid,))
-        times = {"received": row["first_received"] if row else None, "completed": row["completed"] if row else None,
-                 "detected": summary.get("finished") or time.time(), "job_id": job.get("job_id") or ""}
-        return [self.notify(e) for e in events_from_result(result, tags, times)]
 
     def study_tags(self, study_uid: str) -> dict[str, Any]:
         """Study and patient attributes from the first spooled instance, plus the study's series UIDs."""

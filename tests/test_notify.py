@@ -505,3 +505,9 @@ def test_secret_from_environment(state: State, hook: _Hook, monkeypatch: pytest.
     _wait_state(notifier, ev.study_uid, "sent")
     headers, body = hook.requests[0]
     assert headers["X-AINode-Signature"] == "sha256=" + hmac.new(b"from-env", body, hashlib.sha256).hexdigest()
+
+
+def test_notify_job_never_raises(state: State, tmp_path) -> None:
+    notifier = Notifier(state, [])
+    assert notifier.notify_job({"job_id": "j", "study_uid": "1.2.3", "result_dir": str(tmp_path / "gone")}, {}) == []
+    assert state.one("SELECT COUNT(*) AS n FROM events WHERE kind='notify_failed'")["n"] == 1
