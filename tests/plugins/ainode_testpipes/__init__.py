@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.base import Pipeline, PipelineResult, StudyInput
+from pipelines.base import Pipeline, PipelineResult, Refused, StudyInput
 
 
 class ProbePipeline(Pipeline):
@@ -26,6 +26,10 @@ class ProbePipeline(Pipeline):
             Path(marker).mkdir(parents=True, exist_ok=True)
             (Path(marker) / f"attempt-{os.getpid()}-{time.time():.6f}").write_text(study.study_uid)
         time.sleep(float(self.options.get("sleep", 0)))
+        if self.options.get("refuse"):
+            raise Refused(str(self.options["refuse"]))
+        if self.options.get("fail"):
+            raise RuntimeError(str(self.options["fail"]))
         series = []
         for s in study.series:
             entry = {"series_uid": s.series_uid, "modality": s.modality, "frames": len(s.frames),
@@ -37,4 +41,5 @@ class ProbePipeline(Pipeline):
             if s.slice_positions is not None:
                 entry["z"] = [float(z) for z in s.slice_positions]
             series.append(entry)
-        return PipelineResult(self.name, self.version, details={"series": series, "pid": os.getpid()})
+        return PipelineResult(self.name, self.version,
+                              details={"series": series, "pid": os.getpid(), "instance": id(self)})
