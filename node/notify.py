@@ -20,12 +20,14 @@ import logging
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import hl7
@@ -102,6 +104,8 @@ class WebhookChannel(_ChannelBase):
     secret_env: str | None = None
     headers: dict[str, str] = {}
     verify_tls: bool = True
+    #: CA bundle (PEM) for an https endpoint signed by the hospital's own CA.
+    ca_file: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> WebhookChannel:
@@ -143,6 +147,22 @@ class HL7Channel(_ChannelBase):
     #: AR (application reject) means the receiver will never take this message; retrying is usually pointless.
     retry_on_reject: bool = False
     encoding: str = "utf-8"
+    #: MLLP over TLS ("MLLP/S"): verify the receiver against ``ca_file`` (or the system CAs), optionally
+    #: present a client certificate.
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        ctx.check_hostname = self.check_hostname
+        if self.cert_file:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
+        return ctx
 
 
 ChannelConfig = Annotated[WebhookChannel | HL7Channel, Field(discriminator="kind")]
@@ -380,15 +400,17 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
-def mllp_exchange(host: str, port: int, message: bytes, timeout_s: float) -> bytes:
+def mllp_exchange(host: str, port: int, message: bytes, timeout_s: float,
+                  ssl_context: ssl.SSLContext | None = None) -> bytes:
     """Send one framed message and return the first framed reply (the ACK), within ``timeout_s`` overall.
 
     ``hl7.client.MLLPClient`` returns whatever one ``recv`` yields, which may be half an ACK, and has
     no timeout; a RIS that accepts the connection and never answers must not hold a delivery forever.
     """
     deadline = time.monotonic() + timeout_s
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with socket.create_connection((host, port), timeout=timeout_s) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = ssl_context.wrap_socket(raw, server_hostname=host) if ssl_context is not None else raw
         sock.sendall(SB + message + EB + CR)
         buf = b""
         while True:
@@ -657,14 +679,15 @@ class Notifier:
         secret = ch.resolved_secret()
         if secret:
             headers["X-AINode-Signature"] = sign(body, secret)
-        resp = requests.post(ch.url, data=body, headers=headers, timeout=ch.timeout_s, verify=ch.verify_tls,
+        verify: bool | str = str(ch.ca_file) if ch.ca_file and ch.verify_tls else ch.verify_tls
+        resp = requests.post(ch.url, data=body, headers=headers, timeout=ch.timeout_s, verify=verify,
                              allow_redirects=False)
         if not 200 <= resp.status_code < 300:
             raise DeliveryError(f"HTTP {resp.status_code}: {resp.text[:200].strip()}")
 
     def _send_hl7(self, ch: HL7Channel, event: CriticalEvent, control_id: str) -> None:
         msg = build_oru(event, ch, control_id)
-        raw = mllp_exchange(ch.host, ch.port, str(msg).encode(ch.encoding), ch.timeout_s)
+        raw = mllp_exchange(ch.host, ch.port, str(msg).encode(ch.encoding), ch.timeout_s, ch.ssl_context())
         try:
             ack = hl7.parse(raw.decode(ch.encoding, errors="replace").strip("\r\n"))
             msa = ack.segment("MSA")

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -511,3 +512,54 @@ def test_notify_job_never_raises(state: State, tmp_path) -> None:
     notifier = Notifier(state, [])
     assert notifier.notify_job({"job_id": "j", "study_uid": "1.2.3", "result_dir": str(tmp_path / "gone")}, {}) == []
     assert state.one("SELECT COUNT(*) AS n FROM events WHERE kind='notify_failed'")["n"] == 1
+
+
+def _self_signed(tmp_path) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ris")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "ris.pem", tmp_path / "ris.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_oru_over_mllp_tls(state: State, tmp_path) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    with MLLPListener(ssl_context=server_ctx) as rx:
+        trusted = Notifier(state, [_hl7(rx.port, tls=True, ca_file=cert)])
+        ev = _event()
+        trusted.record(ev)
+        [row] = _wait_state(trusted, ev.study_uid, "sent")
+        [msg] = rx.wait_for(1)
+        assert _f(msg.segment("OBR"), 2) == "ACC0042" and row["attempts"] == 1
+    untrusted_state = State(tmp_path / "other")
+    try:
+        with MLLPListener(ssl_context=server_ctx) as rx:
+            untrusted = Notifier(untrusted_state, [_hl7(rx.port, tls=True)])  # system CAs do not know it
+            untrusted.record(ev)
+            untrusted.run_once()
+            [row] = untrusted.log(ev.study_uid)
+            assert row["state"] == "pending" and "CERTIFICATE_VERIFY_FAILED" in row["last_error"]
+            assert rx.messages == []
+    finally:
+        untrusted_state.close()

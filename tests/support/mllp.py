@@ -2,13 +2,15 @@
 
 It plays the RIS / interface engine side, so notification tests exercise real sockets and framing.
 The ACK codes it answers can be scripted (``acks=["AE", "AA"]``: first a negative ACK, then accept),
-and ``silent=True`` accepts connections but never answers (a hung receiver).
+``silent=True`` accepts connections but never answers (a hung receiver), and ``ssl_context`` (a
+server-side context) makes it an MLLP/S listener.
 """
 
 from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -46,12 +48,21 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     listener: MLLPListener
 
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        ctx = self.listener.ssl_context
+        if ctx is not None:  # MLLP/S: the handshake happens here, before the handler sees the stream
+            sock.settimeout(5)
+            sock = ctx.wrap_socket(sock, server_side=True)
+        return sock, addr
+
 
 class MLLPListener:
     """``with MLLPListener() as rx: ...`` then ``rx.port``, ``rx.messages`` (parsed), ``rx.raw`` (bytes)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, acks: Iterable[str] = (), default_ack: str = "AA",
-                 silent: bool = False):
+                 silent: bool = False, ssl_context: ssl.SSLContext | None = None):
+        self.ssl_context = ssl_context
         self._server = _Server((host, port), _Handler)
         self._server.listener = self
         self.host, self.port = self._server.server_address[:2]
