@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -706,18 +707,31 @@ class Notifier:
 
     # ------------------------------------------------------------------ status
     def log(self, study_uid: str | None = None) -> list[dict[str, Any]]:
-        """Delivery log rows (newest first), for the status page and ``ainode status``; no patient data."""
-        sql = ("SELECT d.*, e.study_uid, e.finding FROM notify_deliveries d JOIN notify_events e USING(event_id)")
-        params: tuple[Any, ...] = ()
-        if study_uid is not None:
-            sql += " WHERE e.study_uid=?"
-            params = (study_uid,)
-        rows = self.state.query(sql + " ORDER BY d.created DESC, d.channel", params)
-        return [{k: r[k] for k in ("event_id", "study_uid", "finding", "channel", "kind", "state", "attempts",
-                                   "last_error", "control_id", "created", "last_attempt", "next_attempt", "sent_at",
-                                   "latency_s")} for r in rows]
+        """Delivery log rows (newest first), for the status page; no patient data."""
+        return notification_log(self.state, study_uid)
 
     def counts(self) -> dict[str, int]:
         """Deliveries per state, for /metrics."""
         return {r["state"]: r["n"] for r in
                 self.state.query("SELECT state, COUNT(*) AS n FROM notify_deliveries GROUP BY state")}
+
+
+_LOG_COLUMNS = ("event_id", "study_uid", "finding", "channel", "kind", "state", "attempts", "last_error", "control_id",
+                "created", "last_attempt", "next_attempt", "sent_at", "latency_s")
+
+
+def notification_log(db: State | sqlite3.Connection, study_uid: str | None = None) -> list[dict[str, Any]]:
+    """Read-only delivery log for other processes (``ainode status``), which must not construct a Notifier:
+    its constructor re-queues interrupted deliveries, which only the listener may do.
+    ``latency_s`` is the time from study complete to sent."""
+    sql = "SELECT d.*, e.study_uid, e.finding FROM notify_deliveries d JOIN notify_events e USING(event_id)"
+    params: tuple[Any, ...] = ()
+    if study_uid is not None:
+        sql += " WHERE e.study_uid=?"
+        params = (study_uid,)
+    sql += " ORDER BY d.created DESC, d.channel"
+    try:
+        rows = db.query(sql, params) if isinstance(db, State) else db.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet: no notification was ever configured
+        return []
+    return [{k: r[k] for k in _LOG_COLUMNS} for r in rows]

@@ -563,3 +563,19 @@ def test_oru_over_mllp_tls(state: State, tmp_path) -> None:
             assert rx.messages == []
     finally:
         untrusted_state.close()
+
+
+def test_read_only_log_for_other_processes(state: State, tmp_path) -> None:
+    import sqlite3
+
+    from node.notify import notification_log
+
+    conn = sqlite3.connect(tmp_path / "state.db")
+    conn.row_factory = sqlite3.Row
+    assert notification_log(conn) == []  # before any Notifier created the tables
+    notifier = Notifier(state, [_webhook("http://127.0.0.1:9/")])
+    ev = _event()
+    notifier.record(ev)
+    [row] = notification_log(conn, ev.study_uid)
+    assert row["state"] == "pending" and row["channel"] == "pager" and notification_log(state) == notifier.log()
+    conn.close()
