@@ -156,6 +156,20 @@ def zh_unverified_result(cr: Dataset) -> PipelineResult:
     return r
 
 
+@pytest.fixture(scope="module")
+def head() -> Dataset:
+    """A real de-identified head CT slice: PatientIdentityRemoved YES without a method, empty type-2s."""
+    return pydicom.dcmread(get_testdata_file("693_UNCR.dcm"))
+
+
+def head_result(head: Dataset) -> PipelineResult:
+    ref = ref_of(head)
+    return PipelineResult(
+        pipeline="ich", pipeline_version="0.1.0", model=ModelIdentity("ich-net", "0.1", verified=True),
+        findings=[Finding(Code("1386000", "SCT", "Intracranial hemorrhage"), "Intracranial haemorrhage", True, 0.88,
+                          critical=True, regions=[Region(ref, "POINT", [(250.0, 180.0)])])])
+
+
 # --------------------------------------------------------------------------- encode + validate once
 class Scenario:
     def __init__(self, objs: list[Dataset], seconds: float):
@@ -186,13 +200,14 @@ def predecessor() -> SOPRef:
 
 
 @pytest.fixture(scope="module")
-def scenarios(cr: Dataset, ct_files: list[Path], predecessor: SOPRef) -> dict[str, Scenario]:
+def scenarios(cr: Dataset, ct_files: list[Path], predecessor: SOPRef, head: Dataset) -> dict[str, Scenario]:
     out = {
         "cxr": run(cxr_result(cr), [cr]),
         "ct": run(ct_result(ct_files), ct_files, EncodeOptions(sr_class="comprehensive3d",
                                                                predecessors=[predecessor], institution="General")),
         "empty_ct": run(empty_result(), ct_files),
         "zh": run(zh_unverified_result(cr), [cr], EncodeOptions(language="zh")),
+        "head": run(head_result(head), [head]),
     }
     return out
 
@@ -214,7 +229,7 @@ def validated(scenarios: dict[str, Scenario]) -> dict[str, Scenario]:
 
 
 # --------------------------------------------------------------------------- validity and identity
-@pytest.mark.parametrize("name", ["cxr", "ct", "empty_ct", "zh"])
+@pytest.mark.parametrize("name", ["cxr", "ct", "empty_ct", "zh", "head"])
 def test_every_object_passes_all_validators(validated: dict[str, Scenario], name: str) -> None:
     s = validated[name]
     assert s.objs, "encode produced nothing"
@@ -253,6 +268,14 @@ def test_study_patient_kept_series_and_instances_new(scenarios: dict[str, Scenar
         assert all(len(v) == 1 for v in kinds.values())  # one series per kind (SCs share theirs)
         assert len({o.SeriesInstanceUID for o in objs}) == len(kinds)  # and kinds never share
         assert len({o.SOPInstanceUID for o in objs}) == len(objs)
+
+
+def test_deidentified_source_stays_conformant(scenarios: dict[str, Scenario], head: Dataset) -> None:
+    for o in scenarios["head"].objs:
+        assert o.PatientIdentityRemoved == "YES" and o.DeidentificationMethod
+        assert o.PatientName == head.PatientName and o.StudyID == ""
+    kos = scenarios["head"].by_class(KOS_CLASS)[0]  # critical finding: KOS even though only a POINT marks it
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"
 
 
 def test_refused_result_encodes_nothing(cr: Dataset) -> None:

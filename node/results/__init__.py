@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pipelines.base import PipelineResult
 
 from .common import Context, new_uid
-from .sources import SOPRef, key_image_ref, load_sources
+from .sources import SOPRef, copy_patient_study, key_image_ref, load_sources
 from .validate import ValidationFailed, validate, validate_many, write_validated
 
 __all__ = ["EncodeOptions", "SOPRef", "ValidationFailed", "encode", "validate", "validate_many", "write_validated"]
@@ -66,8 +66,12 @@ def encode(result: PipelineResult, sources: list[Path] | list[Dataset], options:
     out: list[Dataset] = [build_measurement_report(result, srcs, key, ctx), build_narrative(result, srcs, ctx)]
     scs = build_secondary_captures(result, srcs, key, ctx)
     out.extend(scs)
+    patient = srcs[0].header
+    for obj in out:
+        copy_patient_study(obj, patient)
     kos = build_kos(result, srcs, key, out, ctx)
     if kos is not None:
+        copy_patient_study(kos, patient)
         out.append(kos)
     log.info("encoded %d result objects for %s in %.2f s", len(out), result.pipeline, time.perf_counter() - t0)
     return out

@@ -6,6 +6,7 @@ read pixels for the key image, because a 500-slice CT does not need to be decode
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,16 @@ log = logging.getLogger(__name__)
 TYPE2_EMPTY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+#: Patient / Patient Study / General Study attributes every result object carries when the source has them,
+#: so all objects of one result describe the patient identically (highdicom's SR and SC copy different sets).
+PATIENT_STUDY_COPY = (
+    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence", "PatientBirthTime",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence", "BreedRegistrationSequence",
+    "StudyDescription", "IssuerOfAccessionNumberSequence", "PatientAge", "PatientSize", "PatientWeight",
 )
 
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "DOC", "SEG", "RTSTRUCT", "REG"}
@@ -79,6 +90,20 @@ def fill_type2(ds: Dataset) -> Dataset:
         if kw not in ds or ds[kw].value is None:
             setattr(ds, kw, "")
     return ds
+
+
+def copy_patient_study(obj: Dataset, src: Dataset) -> None:
+    """Bring the patient/study attributes highdicom skipped; keep de-identified data conformant.
+
+    A source flagged PatientIdentityRemoved YES but naming no method (seen in public data sets) would
+    make every result object fail dciodvfy (type 1C); we say the method is unknown rather than drop the flag.
+    """
+    for kw in PATIENT_STUDY_COPY:
+        if kw in src and kw not in obj and src[kw].value not in (None, ""):
+            obj[kw] = copy.deepcopy(src[kw])
+    if str(obj.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+            obj.get("DeidentificationMethod") or obj.get("DeidentificationMethodCodeSequence")):
+        obj.DeidentificationMethod = "Unspecified by the source"
 
 
 def load_sources(sources: list[Path] | list[Dataset]) -> list[Source]:
