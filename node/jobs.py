@@ -37,12 +37,15 @@ def instances_hash(sop_uids: list[str]) -> str:
 
 class JobManager:
     def __init__(self, cfg: Config, state: State, celery_app: Any,
-                 on_job_finished: Callable[[dict[str, Any], dict[str, Any]], None] | None = None):
+                 on_job_finished: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+                 on_critical_result: Callable[[dict[str, Any], dict[str, Any]], None] | None = None):
         self.cfg = cfg
         self.state = state
         self.app = celery_app
         self.storage = Path(cfg.node.storage_dir).resolve()
         self.on_job_finished = on_job_finished
+        self.on_critical_result = on_critical_result
+        self._announced: set[str] = set()
         self._routes = {r.name: r for r in cfg.routes}
 
     # ------------------------------------------------------------------ routing / completion
@@ -185,6 +188,14 @@ class JobManager:
             d = self.storage / "results" / job["job_id"]
             summary = d / "summary.json"
             failed = d / "failed.json"
+            ready = d / "result_ready.json"
+            if job["job_id"] not in self._announced and ready.exists():
+                self._announced.add(job["job_id"])
+                info = json.loads(ready.read_text(encoding="utf-8"))
+                if info.get("critical"):
+                    self.state.execute("UPDATE studies SET critical=1 WHERE study_uid=?", (job["study_uid"],))
+                    if self.on_critical_result:
+                        self.on_critical_result({**dict(job), "result_dir": str(d)}, {"finished": info["at"]})
             if summary.exists():
                 data = json.loads(summary.read_text(encoding="utf-8"))
                 state = {"ok": "done"}.get(data["status"], data["status"])

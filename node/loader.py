@@ -83,7 +83,8 @@ def _frames_of(ds: Dataset, path: Path) -> list[tuple[ImageRef, np.ndarray | Non
 
 
 def _shared(ds: Dataset, fg: Dataset | None, seq: str, attr: str) -> Any:
-    for source in (fg, ds.get("SharedFunctionalGroupsSequence", [None])[0] if "SharedFunctionalGroupsSequence" in ds else None):
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    for source in (fg, shared):
         if source is not None and seq in source and len(source[seq].value):
             v = source[seq][0].get(attr)
             if v is not None:

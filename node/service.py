@@ -36,7 +36,8 @@ class Listener:
                             max_retries=cfg.workers.max_retries)
         self.delivery: Any = None
         self.notifier: Any = None
-        self.jobs = JobManager(cfg, self.state, self.app, on_job_finished=self._job_finished)
+        self.jobs = JobManager(cfg, self.state, self.app, on_job_finished=self._job_finished,
+                               on_critical_result=self._critical_result)
         self.scp = StorageSCP(cfg, self.state, self.spool, on_instance=self._on_instance,
                               on_association_end=self._on_association_end,
                               route_keywords=keywords_used(cfg.routes) - {"calling_ae", "called_ae"})
@@ -137,8 +138,13 @@ class Listener:
         if files and route and route.destinations and self.delivery is not None:
             self.delivery.enqueue(job["study_uid"], job["job_id"], [Path(f) for f in files], route.destinations,
                                   "stat" if summary.get("critical") else job["priority"])
-        if summary.get("critical") and self.notifier is not None:
-            self.notifier.notify_job(job, summary)
+        if summary.get("critical"):
+            self._critical_result(job, summary)
+
+    def _critical_result(self, job: dict[str, Any], info: dict[str, Any]) -> None:
+        """Called as soon as the result exists, and again when the job ends: events are de-duplicated."""
+        if self.notifier is not None:
+            self.notifier.notify_job(job, info)
 
     # ------------------------------------------------------------------ scheduler
     def _loop(self) -> None:

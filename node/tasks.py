@@ -140,6 +140,8 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
                                 reason=str(exc))
     t_run = time.time()
     result.save(out)
+    # tell the listener now: a critical finding is announced before encoding and validation finish
+    _write_json(out / "result_ready.json", {"at": t_run, "critical": result.critical, "status": result.status})
     files: list[str] = []
     validation_error = ""
     if result.status == "ok" and spec.encode:
