@@ -51,7 +51,8 @@ class EchoPipeline(Pipeline):
                 "en": Narrative(findings=f"Received {len(series)} series with {total} images. "
                                 "This is a connectivity check, not a clinical analysis.",
                                 impression="No clinical analysis performed."),
-                "zh": Narrative(findings=f"已接收 {len(series)} 个序列，共 {total} 幅图像。此为连通性检查，并非临床分析。",
+                "zh": Narrative(findings=f"已接收 {len(series)} 个序列，共 {total} 幅图像。"
+                                         "此为连通性检查，并非临床分析。",
                                 impression="未进行临床分析。"),
             },
             key_images=[series[0].frames[len(series[0].frames) // 2]] if series else [],

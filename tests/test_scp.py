@@ -148,7 +148,7 @@ def test_low_disk_space_answers_out_of_resources_and_leaves_no_file(node_factory
 # ------------------------------------------------------------------------------------------------ TLS
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
           issuer_key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())

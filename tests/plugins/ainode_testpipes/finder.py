@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from pipelines.base import (
-    UCUM_HU, Code, Finding, Measurement, Narrative, Pipeline, PipelineResult, Region, StudyInput,
+    UCUM_HU,
+    Code,
+    Finding,
+    Measurement,
+    Narrative,
+    Pipeline,
+    PipelineResult,
+    Region,
+    StudyInput,
 )
 
 
