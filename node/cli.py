@@ -242,6 +242,10 @@ def status_data(cfg: Config, limit: int = 200) -> dict[str, Any]:
             dl = entry["delivery"].values()
             entry["delivered"] = max((d["last_sent"] or 0 for d in dl), default=None) or None \
                 if dl and all(d["delivered"] for d in dl) else None
+        if "notify_deliveries" in tables:
+            from node.notify import notification_log
+
+            entry["notifications"] = notification_log(conn, s["study_uid"])
         studies.append(entry)
     conn.close()
     return {"node": {"ae_title": cfg.node.ae_title, "port": cfg.node.port,
@@ -290,6 +294,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             states = ", ".join(f"{k} {v}" for k, v in sorted(d["states"].items()))
             err = f"; last error: {d['last_error']}" if d["last_error"] and not d["delivered"] else ""
             print(f"{'':<40} -> {dest}: {states}; last sent {_ts(d['last_sent'])}{err}")
+        for n in s.get("notifications") or []:
+            took = f" {n['latency_s']:.1f} s after completion" if n.get("latency_s") is not None else ""
+            print(f"{'':<40} notify {n['channel']} ({n['finding']}): {n['state']}{took}")
     return 0
 
 

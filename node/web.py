@@ -58,6 +58,11 @@ def metrics(listener: Listener) -> str:
                   "# TYPE ainode_deliveries gauge"]
         for r in st.query("SELECT destination, state, COUNT(*) n FROM deliveries GROUP BY destination, state"):
             lines.append(f'ainode_deliveries{{destination="{r["destination"]}",state="{r["state"]}"}} {r["n"]}')
+    if "notify_deliveries" in tables:
+        lines += ["# HELP ainode_notifications Critical-finding notifications by channel and state.",
+                  "# TYPE ainode_notifications gauge"]
+        for r in st.query("SELECT channel, state, COUNT(*) n FROM notify_deliveries GROUP BY channel, state"):
+            lines.append(f'ainode_notifications{{channel="{r["channel"]}",state="{r["state"]}"}} {r["n"]}')
     lines += ["# TYPE ainode_disk_free_bytes gauge",
               f"ainode_disk_free_bytes {shutil.disk_usage(listener.spool.root).free}"]
     return "\n".join(lines) + "\n"
