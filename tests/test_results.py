@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,13 @@ def test_deidentified_source_stays_conformant(scenarios: dict[str, Scenario], he
         assert o.PatientName == head.PatientName and o.StudyID == ""
     kos = scenarios["head"].by_class(KOS_CLASS)[0]  # critical finding: KOS even though only a POINT marks it
     assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"
+
+
+def test_patient_name_never_in_warnings(head: Dataset) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        objs = encode(head_result(head), [head], EncodeOptions())
+    assert objs and not [w for w in caught if str(head.PatientName) in str(w.message)]
 
 
 def test_refused_result_encodes_nothing(cr: Dataset) -> None:

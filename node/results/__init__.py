@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def encode(result: PipelineResult, sources: list[Path] | list[Dataset], options:
         return []
     if options.sr_class not in ("comprehensive", "comprehensive3d"):
         raise ValueError(f"sr_class must be 'comprehensive' or 'comprehensive3d', not {options.sr_class!r}")
+    with warnings.catch_warnings():
+        # highdicom warns about single-component person names and quotes the name: that would put
+        # patient names into worker logs. The names are copied as the source has them either way.
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        return _encode(result, sources, options)
+
+
+def _encode(result: PipelineResult, sources: list[Path] | list[Dataset], options: EncodeOptions) -> list[Dataset]:
     from .kos import build_kos
     from .narrative import build_narrative
     from .sc import build_secondary_captures
