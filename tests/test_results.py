@@ -320,6 +320,17 @@ def test_tid1500_findings_probabilities_regions_algorithm(scenarios: dict[str, S
     assert library and find_items(library[0], None, "IMAGE")
 
 
+def test_single_region_goes_with_its_probability(scenarios: dict[str, Scenario]) -> None:
+    """One outlined finding among unoutlined ones: the region hangs off the Probability NUM (TID 300)."""
+    sr = scenarios["zh"].tid1500
+    assert not [i for i in find_items(sr, ("125007", "DCM"), "CONTAINER")
+                if any(c.ValueType == "SCOORD" for c in i.ContentSequence)]
+    probs = find_items(sr, ("122157", "DCM"), "NUM")
+    circles = [c for p in probs for c in p.get("ContentSequence", []) if c.ValueType == "SCOORD"]
+    assert len(circles) == 1 and circles[0].GraphicType == "CIRCLE"
+    assert circles[0].RelationshipType == "INFERRED FROM"
+
+
 def test_tid1500_measurements_units_and_rois(scenarios: dict[str, Scenario], ct_files: list[Path]) -> None:
     sr = scenarios["ct"].tid1500
     assert {"[hnsf'U]", "mGy", "mGy.cm", "1"} <= num_units(sr)

@@ -231,19 +231,18 @@ def _groups(result: PipelineResult, sources: list[Source], planar_ok: bool) -> l
 
 def build_measurement_report(result: PipelineResult, sources: list[Source], key: ImageRef | None,
                              ctx: Context) -> Dataset:
-    groups = _groups(result, sources, planar_ok=True)
+    negative = not any(f.present for f in result.findings) and not result.measurements and not result.evaluations
+    groups = ([_no_findings_group(result)] if negative else []) + _groups(result, sources, planar_ok=True)
     n_planar = sum(isinstance(g, PlanarROIMeasurementsAndQualitativeEvaluations) for g in groups)
     if n_planar == 1 and len(groups) > 1:
         # PixelMed (2022) applies TID 1410 to every sibling group when exactly one has an Image Region
         # and reports the others as errors; the same region as INFERRED FROM SCOORD on the group's NUMs
         # (TID 1501 + TID 300) carries the same information and validates.
-        groups = _groups(result, sources, planar_ok=False)
-    if not any(f.present for f in result.findings) and not result.measurements and not result.evaluations:
-        groups.insert(0, _no_findings_group(result))
+        groups = ([_no_findings_group(result)] if negative else []) + _groups(result, sources, planar_ok=False)
     modality = str(sources[0].header.get("Modality", ""))
     procedure = C.concept(result.procedure) if result.procedure else C.PROCEDURE_CID100.get(
         modality, C.PROCEDURE_IMAGING)
-    for g in groups:  # name the template: PixelMed otherwise checks every group against TID 1410 once one is
+    for g in groups:  # say which template each group follows, for readers that dispatch on it
         _tag_template(g)
     report = MeasurementReport(
         observation_context=observation_context(result, ctx), procedure_reported=procedure,
