@@ -1,7 +1,8 @@
 # One image for listener and workers; the GPU worker adds the onnxruntime-gpu extra.
 FROM python:3.11-slim-bookworm
 ARG EXTRAS=""
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 AINODE_NODE__STORAGE_DIR=/var/lib/ainode
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 AINODE_NODE__STORAGE_DIR=/var/lib/ainode \
+    AINODE_WEIGHTS_DIR=/opt/ainode/weights
 RUN apt-get update \
  && apt-get install -y --no-install-recommends dcmtk dicom3tools pixelmed-apps default-jre-headless \
         fonts-dejavu-core fonts-wqy-microhei \

@@ -404,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["weights"]:  # its own parser, so `ainode weights --help` describes the import tool
+        _setup_logging(os.environ.get("AINODE_LOG_LEVEL", "INFO"))
+        from node import weights
+
+        return int(weights.main(argv[1:]))
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log_level", "INFO"))
     try:
