@@ -6,6 +6,10 @@ and PixelMed's DicomSRValidator.
 
 ``encode()`` returns an empty list when ``result.status`` is not "ok" (refused / model unavailable):
 there is nothing clinical to say, and the caller records ``result.reason`` in the node's status.
+
+Series (base 900 by default): +0 TID 1500 SR, +1 TID 2000 narrative, +2 Secondary Captures (key image,
+other annotated images, pipeline-rendered pictures), +3 KOS "Of Interest" -- made only when a finding is
+present or an evaluation is critical, so negative studies are not flagged for attention.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pipelines.base import PRIVATE_SCHEME, Code
 
 # --- DCM
 FINDING = CodedConcept("121071", "DCM", "Finding")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 IMPRESSION = CodedConcept("121073", "DCM", "Impression")
 RECOMMENDATION = CodedConcept("121075", "DCM", "Recommendation")

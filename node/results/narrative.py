@@ -40,7 +40,7 @@ WORDS = {
         "draft": DRAFT_TEXT,
         "unverified": UNVERIFIED_TEXT,
         "none": "No findings reported by the algorithm.",
-        "present": "present", "absent": "not detected", "probability": "probability",
+        "present": "present", "absent": "not detected", "possible": "possible", "probability": "probability",
         "critical": "Critical finding",
         "algorithm": "Algorithm",
     },
@@ -48,7 +48,7 @@ WORDS = {
         "draft": "AI 生成的草稿 — 需经医师审核 (" + DRAFT_TEXT + ")",
         "unverified": "未验证模型 — 不得用于临床 (" + UNVERIFIED_TEXT + ")",
         "none": "算法未报告任何发现。",
-        "present": "存在", "absent": "未检出", "probability": "概率",
+        "present": "存在", "absent": "未检出", "possible": "可能存在", "probability": "概率",
         "critical": "危急发现",
         "algorithm": "算法",
     },
@@ -69,9 +69,12 @@ def finding_lines(result: PipelineResult, language: str) -> list[str]:
     lines = []
     for f in result.findings:
         state = w["present"] if f.present else w["absent"]
+        if f.certainty == "possible":
+            state = w["possible"]
         p = f" ({w['probability']} {f.probability:.2f})" if f.probability is not None else ""
         crit = f" — {w['critical']}" if f.critical and f.present else ""
-        lines.append(f"{f.label or f.code.meaning}: {state}{p}{crit}")
+        note = f" — {f.note}" if f.note else ""
+        lines.append(f"{f.label or f.code.meaning}: {state}{p}{crit}{note}")
     for m in result.measurements:
         unit = m.unit.value if m.unit.value not in ("1", "[hnsf'U]") else ("HU" if m.unit.value == "[hnsf'U]" else "")
         where = f" [{m.group}]" if m.group else ""

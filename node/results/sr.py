@@ -213,8 +213,8 @@ def _notes(result: PipelineResult) -> ContainerContentItem:
     box = ContainerContentItem(C.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
     items = []
     if result.unverified:
-        items.append(TextContentItem(C.FINDING, UNVERIFIED_TEXT, relationship_type=RelationshipTypeValues.CONTAINS))
-    items.append(TextContentItem(C.FINDING, DRAFT_TEXT, relationship_type=RelationshipTypeValues.CONTAINS))
+        items.append(TextContentItem(C.COMMENT, UNVERIFIED_TEXT, relationship_type=RelationshipTypeValues.CONTAINS))
+    items.append(TextContentItem(C.COMMENT, DRAFT_TEXT, relationship_type=RelationshipTypeValues.CONTAINS))
     if result.critical:
         items.append(CodeContentItem(C.CRITICAL_RESULT, C.YES, relationship_type=RelationshipTypeValues.CONTAINS))
     box.ContentSequence = ContentSequence(items)
