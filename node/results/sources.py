@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from pipelines.base import ImageRef, PipelineResult
 
@@ -115,9 +116,14 @@ def load_sources(sources: list[Path] | list[Dataset]) -> list[Source]:
                               and isinstance(s.filename, str) else None, dataset=s))
         else:
             p = Path(s)
-            out.append(Source(fill_type2(pydicom.dcmread(p, stop_before_pixels=True)), path=p))
+            try:
+                header = pydicom.dcmread(p, stop_before_pixels=True)
+            except (OSError, InvalidDicomError) as exc:  # one unreadable file must not cost the whole result
+                log.warning("source %s unreadable, skipped: %s", p.name, exc)
+                continue
+            out.append(Source(fill_type2(header), path=p))
     if not out:
-        raise ValueError("encode() needs at least one source instance")
+        raise ValueError("encode() needs at least one readable source instance")
     return out
 
 
