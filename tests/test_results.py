@@ -286,6 +286,15 @@ def test_patient_name_never_in_warnings(head: Dataset) -> None:
     assert objs and not [w for w in caught if str(head.PatientName) in str(w.message)]
 
 
+def test_caller_datasets_untouched(cr: Dataset) -> None:
+    before = {e.tag: (e.VR, str(e.value)[:200]) for e in cr if e.tag != 0x7FE00010}
+    objs = encode(cxr_result(cr), [cr], EncodeOptions())
+    assert {e.tag: (e.VR, str(e.value)[:200]) for e in cr if e.tag != 0x7FE00010} == before
+    assert "PixelData" in cr and cr.Modality == "CR"
+    proc = find_items(objs[1], ("121058", "DCM"), "CODE")  # narrative procedure from the source's modality
+    assert code_value(proc[0]) == ("43468-8", "LN")
+
+
 def test_refused_result_encodes_nothing(cr: Dataset) -> None:
     for status in ("refused", "model_unavailable"):
         r = PipelineResult("cxr", "1.0.0", status=status, reason="not a chest")

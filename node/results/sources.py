@@ -76,10 +76,10 @@ class Source:
 def clone_header(ds: Dataset) -> Dataset:
     """A new top-level dataset without pixel data; the caller's dataset is never modified.
 
-    (``copy.copy`` of a pydicom Dataset shares its element dict, so deleting from the copy deletes
-    from the original.)
+    (``copy.copy`` of a pydicom Dataset shares its element dict, and even a new dict shares the element
+    objects, so ``clone.Modality = "OT"`` would rewrite the caller's Modality: elements are copied.)
     """
-    out = Dataset({tag: elem for tag, elem in ds.items() if tag.group != 0x7FE0})
+    out = Dataset({tag: copy.deepcopy(elem) for tag, elem in ds.items() if tag.group != 0x7FE0})
     if hasattr(ds, "file_meta"):
         out.file_meta = ds.file_meta
     return out
