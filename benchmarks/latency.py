@@ -1,0 +1,93 @@
+"""End-of-send to results-at-the-PACS latency, with the model-free ``echo`` pipeline (measures the node).
+
+    python benchmarks/latency.py [--runs 5] [--ct-slices 200] [--quiet 2]
+
+A real ``ainode run`` with a DCMTK storescp as the PACS. For each run: /usr/bin/storescu sends the
+study (fresh UIDs), and the clock runs from storescu's exit to the moment the last result object is
+in storescp's folder. CR uses ``complete_on: release``; CT uses ``complete_on: quiet``, so its
+figure includes ``quiet_seconds`` (printed separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.dcmtk import StoreSCP  # noqa: E402
+from support.dicomgen import copy_with_new_uids, ct_series, sample_file  # noqa: E402
+from support.node import NodeProcess, base_config, free_port  # noqa: E402
+
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def send(port: int, files: list[Path]) -> float:
+    subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY1", "-aec", "AINODE", "127.0.0.1", str(port),
+                    *map(str, files)], check=True, env=ENV, capture_output=True)
+    return time.perf_counter()
+
+
+def wait_files(scp: StoreSCP, n: int, timeout: float = 120) -> float:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if len(scp.files()) >= n:
+            return time.perf_counter()
+        time.sleep(0.01)
+    raise TimeoutError(f"only {len(scp.files())} of {n} result objects arrived")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--ct-slices", type=int, default=200)
+    ap.add_argument("--quiet", type=float, default=2.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        scp = StoreSCP(tmp / "pacs", aet="PACS").start()
+        port = free_port()
+        cfg = base_config(tmp / "var", port)
+        cfg["destinations"] = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": scp.port}]
+        cfg["delivery"] = {"poll_seconds": 1}
+        cfg["routes"] = [
+            {"name": "cr", "match": {"Modality": "CR"}, "pipelines": ["echo"], "destinations": ["pacs"],
+             "complete_on": "release"},
+            {"name": "ct", "match": {"Modality": "CT"}, "pipelines": ["echo"], "destinations": ["pacs"],
+             "complete_on": "quiet", "quiet_seconds": args.quiet},
+        ]
+        node = NodeProcess(tmp, cfg).start()
+        try:
+            per_study = 3  # echo: measurement SR, narrative SR, summary SC (no findings, so no KOS)
+            cr_times, ct_times = [], []
+            expected = 0
+            for i in range(args.runs + 1):  # the first run warms the worker (imports, fonts) and is dropped
+                cr = copy_with_new_uids(sample_file("RG1_UNCR.dcm"), tmp / f"cr{i}.dcm")
+                t_end = send(port, [cr])
+                expected += per_study
+                dt = wait_files(scp, expected) - t_end
+                if i:
+                    cr_times.append(dt)
+            for i in range(args.runs):
+                ct = ct_series(tmp / f"ct{i}", args.ct_slices, size=512, seed=i, shuffle=False)
+                t_end = send(port, ct)
+                expected += per_study
+                ct_times.append(wait_files(scp, expected) - t_end)
+            print(f"CR (release): median {statistics.median(cr_times):.2f} s  runs "
+                  + " ".join(f"{t:.2f}" for t in cr_times) + "   target <= 1.0 s")
+            print(f"CT {args.ct_slices} slices (quiet {args.quiet:g} s): median {statistics.median(ct_times):.2f} s"
+                  f" = quiet {args.quiet:g} s + {statistics.median(ct_times) - args.quiet:.2f} s  runs "
+                  + " ".join(f"{t:.2f}" for t in ct_times) + f"   target <= 3 s + quiet")
+        finally:
+            node.stop()
+            scp.stop()
+
+
+if __name__ == "__main__":
+    main()
