@@ -546,6 +546,18 @@ def test_each_annotated_slice_gets_an_sc(scenarios: dict[str, Scenario], ct_file
         assert np.count_nonzero((px[..., 0] < 40) & (px[..., 1] > 180) & (px[..., 2] > 220)) > 50
 
 
+def test_multiframe_key_frame(tmp_path: Path) -> None:
+    ect = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    ref = ImageRef(str(ect.SeriesInstanceUID), str(ect.SOPInstanceUID), str(ect.SOPClassUID), frame=2)
+    r = empty_result()
+    r.key_images = [ref]
+    path = tmp_path / "ect.dcm"
+    ect.save_as(path)
+    sc = next(o for o in encode(r, [path], EncodeOptions()) if o.SOPClassUID == SC_CLASS)
+    assert sc.SourceImageSequence[0].ReferencedFrameNumber == 2
+    assert validate(sc) == []
+
+
 def test_laterality_copied(cr: Dataset) -> None:
     left = copy.deepcopy(cr)
     left.ImageLaterality = "L"

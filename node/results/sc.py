@@ -65,7 +65,8 @@ def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
         if f.present:
             colour = RED if f.critical else YELLOW
             p = f" ({f.probability:.2f})" if f.probability is not None else ""
-            lines.append((f"{f.label or f.code.meaning}: {w['present']}{p}", colour))
+            state = w["possible"] if f.certainty == "possible" else w["present"]
+            lines.append((f"{f.label or f.code.meaning}: {state}{p}", colour))
     others = [ln for ln in finding_lines(result, ctx.language)
               if not any(ln.startswith(f"{f.label or f.code.meaning}:") for f in result.findings if f.present)]
     lines.extend((ln, WHITE) for ln in others)
@@ -112,7 +113,8 @@ def _base_sc(pixels: np.ndarray, ref: Dataset, result: PipelineResult, ctx: Cont
         sc.PatientOrientation = ""  # type 2: unknown rather than a guess
     sc.ConversionType = "WSD"  # produced on a workstation, not digitised
     sc.BurnedInAnnotation = "YES"
-    sc.RecognizableVisualFeatures = "NO"
+    if "RecognizableVisualFeatures" in ref:  # a derived picture shows what its source shows
+        sc.RecognizableVisualFeatures = ref.RecognizableVisualFeatures
     if ctx.institution:
         sc.InstitutionName = ctx.institution
     if "Laterality" not in sc:
