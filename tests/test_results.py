@@ -608,3 +608,47 @@ def test_encode_time_cr(scenarios: dict[str, Scenario]) -> None:
     s = scenarios["cxr"]
     print(f"\nencode CR 1955x1841 (4 objects): {s.seconds:.2f} s")
     assert s.seconds < 30
+
+
+def test_template_shape_ignores_values_but_not_structure(cr: Dataset) -> None:
+    """PixelMed is skipped only for a content tree whose shape it already passed: values do not matter,
+    items, codes and units do."""
+    from node.results.validate import template_shape
+
+    def sr_of(result: PipelineResult) -> Dataset:
+        return next(o for o in encode(result, [cr], EncodeOptions()) if o.Modality == "SR")
+
+    a = cxr_result(cr)
+    b = cxr_result(cr)
+    b.findings[0].probability = 0.12345  # other numbers, other UIDs: same shape
+    assert template_shape(sr_of(a)) == template_shape(sr_of(b))
+    c = cxr_result(cr)
+    c.findings = c.findings[:1]  # one finding fewer: another shape
+    assert template_shape(sr_of(a)) != template_shape(sr_of(c))
+    d = sr_of(a)
+    e = copy.deepcopy(d)
+    e.ContentSequence[0].ConceptNameCodeSequence[0].CodeValue = "999999"  # a wrong concept: another shape
+    assert template_shape(d) != template_shape(e)
+
+
+def test_a_passed_shape_skips_pixelmed_but_still_runs_dciodvfy(cr: Dataset, tmp_path: Path) -> None:
+    import importlib
+
+    from node.results.validate import _passed_shapes, template_shape
+
+    validate_mod = importlib.import_module("node.results.validate")  # the package's `validate` is the function
+
+    sr = next(o for o in encode(cxr_result(cr), [cr], EncodeOptions()) if o.Modality == "SR")
+    assert validate(sr) == []
+    assert template_shape(sr) in _passed_shapes
+    calls = []
+    real = validate_mod._pixelmed_run
+    validate_mod._pixelmed_run = lambda p: calls.append(p) or real(p)
+    try:
+        again = next(o for o in encode(cxr_result(cr), [cr], EncodeOptions()) if o.Modality == "SR")
+        assert validate(again) == [] and calls == []
+        broken = copy.deepcopy(again)
+        del broken.CompletionFlag  # same tree, broken IOD: dciodvfy still catches it
+        assert any("Completion" in p for p in validate(broken))
+    finally:
+        validate_mod._pixelmed_run = real

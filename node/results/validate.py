@@ -2,6 +2,13 @@
 
 They run as parallel subprocesses: PixelMed's JVM start dominates (several seconds), so the three
 validators of one object, and the objects of one result, overlap instead of queueing.
+
+PixelMed checks template conformance: which content items exist, their value types, relationships,
+concept names, coded values and units. It does not depend on numbers, text, dates or UIDs, which is
+all that differs between two results of the same pipeline with the same findings. So a content tree
+whose *shape* (``template_shape``) PixelMed already passed in this process is not sent again; dciodvfy
+and dsrdump still check every object. That takes PixelMed's seconds off every result but the first of
+its kind, which is what keeps a chest X-ray within its one-second budget.
 """
 
 from __future__ import annotations
@@ -197,7 +204,57 @@ def _pixelmed_server() -> PixelMedServer | None:
         return _server
 
 
+_TREE_KEYS = ("RelationshipType", "ValueType", "TemporalRangeType", "GraphicType", "ContinuityOfContent")
+_CODE_SEQS = ("ConceptNameCodeSequence", "ConceptCodeSequence", "MeasurementUnitsCodeSequence",
+              "ContentTemplateSequence")
+_TOP_KEYS = ("SOPClassUID", "CompletionFlag", "VerificationFlag", "PreliminaryFlag", "ContinuityOfContent")
+_passed_shapes: set[str] = set()
+_shapes_lock = threading.Lock()
+
+
+def _item_shape(item: Dataset, out: list[str], depth: int) -> None:
+    parts = [str(depth)] + [str(item.get(k, "")) for k in _TREE_KEYS]
+    for seq in _CODE_SEQS:
+        for code in item.get(seq, []):
+            parts.append(f"{seq}={code.get('CodeValue', '')}^{code.get('CodingSchemeDesignator', '')}"
+                         f"^{code.get('TemplateIdentifier', '')}")
+    for mv in item.get("MeasuredValueSequence", []):
+        for code in mv.get("MeasurementUnitsCodeSequence", []):
+            parts.append(f"unit={code.get('CodeValue', '')}^{code.get('CodingSchemeDesignator', '')}")
+    parts.append(f"refs={len(item.get('ReferencedSOPSequence', []))}")
+    out.append("|".join(parts))
+    for child in item.get("ContentSequence", []):
+        _item_shape(child, out, depth + 1)
+
+
+def template_shape(ds: Dataset) -> str:
+    """A hash of everything template validation looks at, and of nothing else."""
+    out = ["|".join(str(ds.get(k, "")) for k in _TOP_KEYS)]
+    for seq in ("ConceptNameCodeSequence", "ContentTemplateSequence"):
+        for code in ds.get(seq, []):
+            out.append(f"{seq}={code.get('CodeValue', '')}^{code.get('TemplateIdentifier', '')}")
+    out.append(f"predecessors={'PredecessorDocumentsSequence' in ds}")
+    for item in ds.get("ContentSequence", []):
+        _item_shape(item, out, 1)
+    return hashlib.sha256("\n".join(out).encode()).hexdigest()
+
+
 def _pixelmed(path: Path) -> list[str]:
+    try:
+        shape = template_shape(pydicom.dcmread(path, stop_before_pixels=True))
+    except Exception:  # unreadable: let the validator say why
+        shape = ""
+    with _shapes_lock:
+        if shape and shape in _passed_shapes:
+            return []
+    problems = _pixelmed_run(path)
+    if not problems and shape:
+        with _shapes_lock:
+            _passed_shapes.add(shape)
+    return problems
+
+
+def _pixelmed_run(path: Path) -> list[str]:
     java = shutil.which("java")
     if java is None or not Path(PIXELMED_JAR).exists():
         return ["DicomSRValidator: not installed (Debian package pixelmed-apps)"]
