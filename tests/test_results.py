@@ -244,7 +244,7 @@ def test_object_set_per_scenario(scenarios: dict[str, Scenario]) -> None:
                                                  SC_CLASS, KOS_CLASS]
     ct = scenarios["ct"]
     assert ct.tid1500.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # comprehensive3d option
-    assert len(ct.by_class(SC_CLASS)) == 3  # key image summary, the other annotated slice, the chart
+    assert len(ct.by_class(SC_CLASS)) == 2  # key image summary and the chart; ROI slices stay in the SR
     assert not ct.by_class(KOS_CLASS)  # measurements only, nothing critical: no "Of Interest"
     assert not scenarios["empty_ct"].by_class(KOS_CLASS)
 
@@ -529,21 +529,22 @@ def test_sc_regions_and_heatmap_drawn(scenarios: dict[str, Scenario], cr: Datase
 
 def test_chart_overlay_becomes_second_sc(scenarios: dict[str, Scenario]) -> None:
     scs = scenarios["ct"].by_class(SC_CLASS)
-    assert [int(s.InstanceNumber) for s in scs] == [1, 2, 3]
-    chart = scs[2].pixel_array
+    assert [int(s.InstanceNumber) for s in scs] == [1, 2]
+    chart = scs[1].pixel_array
     assert chart.shape[1] == 480 and chart.shape[0] > 300
     assert tuple(chart[150, 70]) == (30, 90, 200)  # pipeline pixels kept as rendered
-    assert "Noise per slice" in scs[2].DerivationDescription
+    assert "Noise per slice" in scs[1].DerivationDescription
 
 
-def test_each_annotated_slice_gets_an_sc(scenarios: dict[str, Scenario], ct_files: list[Path]) -> None:
+def test_measurement_rois_are_drawn_on_the_key_image_without_an_sc_per_slice(scenarios: dict[str, Scenario],
+                                                                             ct_files: list[Path]) -> None:
     hs = ct_headers(ct_files)
     scs = scenarios["ct"].by_class(SC_CLASS)
-    refs = [s.SourceImageSequence[0].ReferencedSOPInstanceUID for s in scs[:2]]
-    assert refs == [hs[1].SOPInstanceUID, hs[3].SOPInstanceUID]  # key = first ROI's slice, then the fat ROI's
-    for sc in scs[:2]:  # the cyan measurement circle is drawn on each
-        px = sc.pixel_array.astype(int)[: int(hs[0].Rows) * 8]
-        assert np.count_nonzero((px[..., 0] < 40) & (px[..., 1] > 180) & (px[..., 2] > 220)) > 50
+    refs = [s.SourceImageSequence[0].ReferencedSOPInstanceUID for s in scs if "SourceImageSequence" in s]
+    assert refs[0] == hs[1].SOPInstanceUID  # key = first ROI's slice
+    assert hs[3].SOPInstanceUID not in refs  # the fat ROI's slice gets no SC of its own
+    px = scs[0].pixel_array.astype(int)[: int(hs[0].Rows) * 8]  # the cyan measurement circle on the key image
+    assert np.count_nonzero((px[..., 0] < 40) & (px[..., 1] > 180) & (px[..., 2] > 220)) > 50
 
 
 def test_multiframe_key_frame(tmp_path: Path) -> None:

@@ -53,6 +53,9 @@ def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
     return None
 
 
+MAX_PANEL_LINES = 16
+
+
 def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
     w = words(ctx.language)
     lines: list[tuple[str, tuple[int, int, int]]] = []
@@ -69,6 +72,10 @@ def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
             lines.append((f"{f.label or f.code.meaning}: {state}{p}", colour))
     others = [ln for ln in finding_lines(result, ctx.language)
               if not any(ln.startswith(f"{f.label or f.code.meaning}:") for f in result.findings if f.present)]
+    room = MAX_PANEL_LINES - len(lines)
+    if len(others) > room:  # the SR has everything; the picture says the most important and where the rest is
+        more = len(others) - (room - 1)
+        others = others[:room - 1] + [w["more"].format(n=more)]
     lines.extend((ln, WHITE) for ln in others)
     if not result.findings and not result.measurements and not result.evaluations:
         lines.append((w["none"], WHITE))
@@ -143,8 +150,9 @@ def _same_image(a: ImageRef, b: ImageRef) -> bool:
 
 def _annotated_images(result: PipelineResult, key: ImageRef) -> list[ImageRef]:
     """Images other than the key image that carry a drawn region or a heat map / mask, in result order."""
+    # measurement ROIs stay in the SR (SCOORD) and on the key image: an SC per ROI slice would bury the
+    # reader in near-identical pictures (a CT quality report has ROIs on a dozen slices)
     refs = [r.image for f in result.findings if f.present for r in f.regions]
-    refs += [m.region.image for m in result.measurements if m.region is not None]
     refs += [o.source for o in result.overlays if o.kind in ("heatmap", "mask") and o.source is not None]
     out: list[ImageRef] = []
     for r in refs:

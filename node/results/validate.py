@@ -6,9 +6,10 @@ validators of one object, and the objects of one result, overlap instead of queu
 PixelMed checks template conformance: which content items exist, their value types, relationships,
 concept names, coded values and units. It does not depend on numbers, text, dates or UIDs, which is
 all that differs between two results of the same pipeline with the same findings. So a content tree
-whose *shape* (``template_shape``) PixelMed already passed in this process is not sent again; dciodvfy
-and dsrdump still check every object. That takes PixelMed's seconds off every result but the first of
-its kind, which is what keeps a chest X-ray within its one-second budget.
+whose *shape* (``template_shape``) PixelMed already passed in this process is not sent again, and
+repeated identical sibling subtrees are checked through two representatives (``prune_repeats``);
+dciodvfy and dsrdump still check every object in full. That takes PixelMed's seconds off every result
+but the first of its kind, which is what keeps a chest X-ray within its one-second budget.
 """
 
 from __future__ import annotations
@@ -239,15 +240,56 @@ def template_shape(ds: Dataset) -> str:
     return hashlib.sha256("\n".join(out).encode()).hexdigest()
 
 
+def _subtree_key(item: Dataset) -> str:
+    out: list[str] = []
+    _item_shape(item, out, 0)
+    return "\n".join(out)
+
+
+def prune_repeats(ds: Dataset, keep: int = 2) -> int:
+    """Keep at most ``keep`` siblings of each identical subtree shape; returns how many were dropped.
+
+    A CT quality report repeats one measurement-group shape dozens of times, and PixelMed's XSLT time
+    grows steeply with tree size (94 s for one such report here). Template rules apply per item, so
+    one representative of each distinct shape checks them all; two are kept so that "at most one"
+    cardinality rules still see a repeat. A malformed group has a shape of its own and is always kept.
+    """
+    dropped = 0
+    items = ds.get("ContentSequence")
+    if not items:
+        return 0
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:
+        key = _subtree_key(item)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= keep:
+            kept.append(item)
+            dropped += prune_repeats(item, keep)
+        else:
+            dropped += 1
+    if dropped:
+        ds.ContentSequence = kept
+    return dropped
+
+
 def _pixelmed(path: Path) -> list[str]:
     try:
-        shape = template_shape(pydicom.dcmread(path, stop_before_pixels=True))
+        ds = pydicom.dcmread(path)
+        dropped = prune_repeats(ds)
+        shape = template_shape(ds)
     except Exception:  # unreadable: let the validator say why
-        shape = ""
+        ds, dropped, shape = None, 0, ""
     with _shapes_lock:
         if shape and shape in _passed_shapes:
             return []
-    problems = _pixelmed_run(path)
+    if ds is not None and dropped:
+        with tempfile.TemporaryDirectory(prefix="ainode-pixelmed-") as tmp:
+            pruned = Path(tmp) / "pruned.dcm"
+            ds.save_as(pruned, enforce_file_format=True)
+            problems = _pixelmed_run(pruned)
+    else:
+        problems = _pixelmed_run(path)
     if not problems and shape:
         with _shapes_lock:
             _passed_shapes.add(shape)
