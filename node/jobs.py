@@ -18,6 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import generate_uid
+
 from node.assembly import CompletionRule
 from node.config import Config, RouteConfig
 from node.routing import route
@@ -43,6 +45,8 @@ class JobManager:
         self.state = state
         self.app = celery_app
         self.storage = Path(cfg.node.storage_dir).resolve()
+        # stable across restarts and workers, different for each node (AE title + storage location)
+        self.device_uid = str(generate_uid(entropy_srcs=[cfg.node.ae_title, str(self.storage)]))
         self.on_job_finished = on_job_finished
         self.on_critical_result = on_critical_result
         self._announced: set[str] = set()
@@ -149,6 +153,7 @@ class JobManager:
             result_dir=str(self.storage / "results" / job["job_id"]),
             outbox_dir=str(self.storage / "outbox" / job["job_id"]),
             options=options, language=language, sr_class=sr_class, encode=bool(r and r.destinations),
+            device_uid=self.device_uid,
             predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]))
         return spec, queue
 

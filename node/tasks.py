@@ -41,6 +41,7 @@ class JobSpec:
     encode: bool = True
     sr_class: str = "comprehensive"
     predecessors: list[dict[str, str]] = field(default_factory=list)
+    device_uid: str = ""  # the node's Device Observer UID: the same on every report this node writes
 
 
 def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 3,
@@ -167,7 +168,8 @@ def _encode(result: Any, spec: JobSpec) -> tuple[list[str], str]:
         log.warning("node.results not available; job %s produced no DICOM objects", spec.job_id)
         return [], ""
     preds = [SOPRef(**p) for p in spec.predecessors]
-    opts = EncodeOptions(language=spec.language, sr_class=spec.sr_class, predecessors=preds)
+    opts = EncodeOptions(language=spec.language, sr_class=spec.sr_class, predecessors=preds,
+                         device_uid=spec.device_uid or None)
     try:
         datasets = encode(result, [Path(p) for p in spec.paths], opts)
         paths = write_validated(datasets, Path(spec.outbox_dir))
