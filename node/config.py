@@ -144,6 +144,9 @@ class RouteConfig(_Strict):
     max_wait_seconds: float = Field(600.0, gt=0)
     language: Literal["en", "zh"] = "en"
     options: dict[str, Any] = {}
+    # label -> probability threshold at which a present finding is critical (null: never critical on this
+    # route); labels not listed keep the model manifest's operating point
+    critical: dict[str, float | None] = {}
     continue_: bool = Field(False, alias="continue")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

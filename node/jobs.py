@@ -153,7 +153,7 @@ class JobManager:
             result_dir=str(self.storage / "results" / job["job_id"]),
             outbox_dir=str(self.storage / "outbox" / job["job_id"]),
             options=options, language=language, sr_class=sr_class, encode=bool(r and r.destinations),
-            device_uid=self.device_uid,
+            device_uid=self.device_uid, critical=dict(r.critical) if r else {},
             predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]))
         return spec, queue
 

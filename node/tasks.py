@@ -42,6 +42,7 @@ class JobSpec:
     sr_class: str = "comprehensive"
     predecessors: list[dict[str, str]] = field(default_factory=list)
     device_uid: str = ""  # the node's Device Observer UID: the same on every report this node writes
+    critical: dict[str, float | None] = field(default_factory=dict)  # the route's critical policy
 
 
 def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 3,
@@ -139,6 +140,7 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
     except ModelUnavailable as exc:
         result = PipelineResult(spec.pipeline, getattr(pipeline, "version", ""), status="model_unavailable",
                                 reason=str(exc))
+    apply_critical_policy(result, spec.critical)
     t_run = time.time()
     result.save(out)
     # tell the listener now: a critical finding is announced before encoding and validation finish
@@ -158,6 +160,17 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
     }
     _write_json(summary_path, summary)
     return summary
+
+
+def apply_critical_policy(result: Any, policy: dict[str, float | None]) -> None:
+    """The route decides what is critical; a label it does not name keeps the manifest's operating point."""
+    for f in result.findings:
+        key = next((k for k in (f.label, f.code.meaning) if k in policy), None)
+        if key is None:
+            continue
+        threshold = policy[key]
+        f.critical = bool(threshold is not None and f.present and f.probability is not None
+                          and f.probability >= threshold)
 
 
 def _encode(result: Any, spec: JobSpec) -> tuple[list[str], str]:
