@@ -62,6 +62,7 @@ class NodeConfig(_Strict):
     tls: TLSConfig | None = None
     web_port: int | None = 8080
     no_route_retention_hours: float = Field(24.0, ge=0)
+    housekeeping_seconds: float = Field(30.0, gt=0)  # how often retention and outbox clean-up run
     allow_unverified_models: bool = False
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))

@@ -154,7 +154,7 @@ class Listener:
             try:
                 self.check_completion()
                 self.jobs.poll()
-                if time.time() - self._last_housekeeping > 30:
+                if time.time() - self._last_housekeeping > self.cfg.node.housekeeping_seconds:
                     self._last_housekeeping = time.time()
                     self.jobs.publish_pending()
                     self.housekeeping()
@@ -174,7 +174,10 @@ class Listener:
         return done
 
     def housekeeping(self) -> None:
-        """Unrouted studies are not kept forever: they were never meant for this node."""
+        """Unrouted studies are not kept forever: they were never meant for this node. Outbox folders
+        go a week after everything in them was delivered."""
+        if self.delivery is not None:
+            self.delivery.cleanup_outbox()
         cutoff = time.time() - self.cfg.node.no_route_retention_hours * 3600
         for row in self.state.query("SELECT study_uid FROM studies WHERE state='no_route' AND completed < ?",
                                     (cutoff,)):

@@ -80,7 +80,7 @@ def test_route_test_command_prints_the_matching_rule(tmp_path: Path) -> None:
 
 
 def test_unrouted_study_is_recorded_as_no_route_and_purged_after_retention(node_factory, tmp_path: Path) -> None:
-    cfg = base_config(tmp_path / "var", free_port(), no_route_retention_hours=0)
+    cfg = base_config(tmp_path / "var", free_port(), no_route_retention_hours=0, housekeeping_seconds=1)
     cfg["routes"] = [{"name": "mr-only", "match": {"Modality": "MR"}, "pipelines": ["probe"]}]
     node = node_factory(config=cfg)
     files = ct_series(tmp_path / "ct", 2, size=16)
@@ -88,6 +88,6 @@ def test_unrouted_study_is_recorded_as_no_route_and_purged_after_retention(node_
     storescu(node.port, files)
     s = node.wait_study(uid, ("NO_ROUTE", "PURGED"))
     assert s["jobs"] == [] and s["route"] is None
-    # retention 0 h: the next housekeeping pass (30 s) deletes the instances
-    wait_for(lambda: not (node.storage / "spool" / uid).exists(), 45, 0.5, "spool purged")
+    # retention 0 h: the next housekeeping pass deletes the instances
+    wait_for(lambda: not (node.storage / "spool" / uid).exists(), 20, 0.3, "spool purged")
     assert node.study(uid)["state"] == "PURGED"
