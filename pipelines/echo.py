@@ -20,7 +20,8 @@ from pipelines.base import (
 
 class EchoPipeline(Pipeline):
     name = "echo"
-    version = "1.0.0"
+    version = "1.1.0"
+    needs_pixels = False  # headers say all it reports; the results writer reads the key image itself
 
     def run(self, study: StudyInput) -> PipelineResult:
         self.check(study)
@@ -30,11 +31,10 @@ class EchoPipeline(Pipeline):
         for s in series:
             n = len(s.frames)
             entry: dict[str, object] = {"series_uid": s.series_uid, "modality": s.modality, "frames": n}
-            if s.pixels is not None:  # cheap facts only: this pipeline measures the node, not the pixels
-                px = s.pixels
-                entry.update(shape=list(px.shape), min=float(px.min()), max=float(px.max()))
-                if s.slice_positions is not None:
-                    entry["slice_positions"] = [float(z) for z in s.slice_positions]
+            h = s.headers[0]
+            entry.update(rows=int(h.get("Rows", 0) or 0), columns=int(h.get("Columns", 0) or 0))
+            if s.slice_positions is not None:
+                entry["slice_positions"] = [float(z) for z in s.slice_positions]
             details["series"].append(entry)  # type: ignore[union-attr]
             measurements.append(Measurement(
                 code=Code("FRAMES", PRIVATE_SCHEME, "Number of frames received"), value=float(n),
