@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import requests
 from support.mllp import MLLPListener
 from support.node import base_config, storescu, wait_for
 from support.orthanc import Orthanc, free_port
+from support.results import COMPREHENSIVE_SR, ENHANCED_SR, KOS, SECONDARY_CAPTURE, pacs_objects, walk
 from test_classifier import write_head_ct, write_manifest
 from test_notify import _Hook
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 SECRET = "s3cret-for-tests"
-
-
-def walk(items, out):
-    for it in items:
-        out.append(it)
-        walk(it.get("ContentSequence", []), out)
-    return out
 
 
 def test_critical_head_ct_pages_and_is_flagged_everywhere(node_factory, tmp_path: Path) -> None:
@@ -83,8 +71,7 @@ def test_critical_head_ct_pages_and_is_flagged_everywhere(node_factory, tmp_path
             assert {n["channel"] for n in sent} == {"pager", "ris"}
             assert all(n["latency_s"] is not None and n["latency_s"] < 60 for n in sent)
 
-            objs = [pydicom.dcmread(io.BytesIO(requests.get(f"{pacs.http_url}/instances/{i}/file", timeout=30)
-                                               .content)) for i in pacs.instances()]
+            objs = pacs_objects(pacs)
             classes = [str(o.SOPClassUID) for o in objs]
             assert KOS in classes and COMPREHENSIVE_SR in classes and ENHANCED_SR in classes
             narrative = next(o for o in objs if str(o.SOPClassUID) == ENHANCED_SR)

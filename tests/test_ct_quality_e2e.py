@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import requests
 from support.node import base_config, storescu, wait_for
 from support.orthanc import Orthanc, free_port
 from support.phantoms import PhantomSpec, write_recons
-
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def walk(items, out):  # flatten an SR content tree
-    for it in items:
-        out.append(it)
-        walk(it.get("ContentSequence", []), out)
-    return out
+from support.results import COMPREHENSIVE_SR, SECONDARY_CAPTURE, pacs_objects, walk
 
 
 def test_multi_reconstruction_phantom_through_the_node(node_factory, tmp_path: Path) -> None:
@@ -39,10 +28,7 @@ def test_multi_reconstruction_phantom_through_the_node(node_factory, tmp_path: P
         s = node.wait_study(study_uid, ("DONE", "FAILED"), timeout=120)
         assert s["state"] == "DONE", s
         wait_for(lambda: (x := node.study(study_uid)) and x.get("delivered"), 60, 0.3, "delivered")
-        objs = []
-        for iid in pacs.instances():
-            r = requests.get(f"{pacs.http_url}/instances/{iid}/file", timeout=30)
-            objs.append(pydicom.dcmread(io.BytesIO(r.content)))
+        objs = pacs_objects(pacs)
         assert all(str(o.StudyInstanceUID) == study_uid for o in objs)
         classes = [str(o.SOPClassUID) for o in objs]
         assert COMPREHENSIVE_SR in classes and classes.count(SECONDARY_CAPTURE) >= 2

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import requests
 import yaml
 from support.dicomgen import copy_with_new_uids, sample_file
 from support.node import base_config, storescu, wait_for
 from support.orthanc import Orthanc, free_port
+from support.results import COMPREHENSIVE_SR, ENHANCED_SR, KOS, SECONDARY_CAPTURE, pacs_objects, walk
 
 from node.results import validate
 from tests.support.cxr_models import imported_model
-
-ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"
-
-
-def walk(items, out):
-    for it in items:
-        out.append(it)
-        walk(it.get("ContentSequence", []), out)
-    return out
 
 
 def test_cr_through_the_node_with_a_random_weight_model(node_factory, tmp_path: Path) -> None:
@@ -61,9 +48,7 @@ def check_study(node, pacs: Orthanc, cr: Path, tmp_path: Path) -> None:
     s = wait_for(lambda: (x := node.study(study_uid)) and (x.get("delivered") or x["state"] == "FAILED") and x,
                  150, 0.3, "delivered")
     assert s["state"] == "DONE", s
-    objs = [o for o in (pydicom.dcmread(io.BytesIO(requests.get(f"{pacs.http_url}/instances/{i}/file",
-                                                                timeout=30).content)) for i in pacs.instances())
-            if str(o.StudyInstanceUID) == study_uid]
+    objs = pacs_objects(pacs, study_uid)
     assert sorted(str(o.SOPClassUID) for o in objs) == sorted([COMPREHENSIVE_SR, ENHANCED_SR,
                                                                SECONDARY_CAPTURE, KOS])
     for o in objs:

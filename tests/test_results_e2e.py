@@ -11,13 +11,10 @@ from support.dcmtk import StoreSCP
 from support.dicomgen import copy_with_new_uids, ct_series, sample_file
 from support.node import base_config, free_port, storescu, wait_for
 from support.orthanc import Orthanc
+from support.results import COMPREHENSIVE_SR, ENHANCED_SR, KOS, SECONDARY_CAPTURE, walk
+from support.results import pacs_objects as orthanc_objects
 
 from node.results import validate
-
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def node_config(tmp_path: Path, port: int, pacs: Orthanc, scp: StoreSCP | None, language: str = "zh") -> dict:
@@ -32,24 +29,8 @@ def node_config(tmp_path: Path, port: int, pacs: Orthanc, scp: StoreSCP | None, 
     return cfg
 
 
-def orthanc_objects(pacs: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
-    out = []
-    for iid in pacs.instances():
-        r = pacs.session.get(f"{pacs.http_url}/instances/{iid}/file", timeout=30) if hasattr(pacs, "session") \
-            else __import__("requests").get(f"{pacs.http_url}/instances/{iid}/file", timeout=30)
-        ds = pydicom.dcmread(__import__("io").BytesIO(r.content))
-        if str(ds.StudyInstanceUID) == study_uid:
-            out.append(ds)
-    return out
-
-
 def texts(ds: pydicom.Dataset) -> list[str]:
-    found = []
-    for item in ds.get("ContentSequence", []):
-        if "TextValue" in item:
-            found.append(str(item.TextValue))
-        found += texts(item)
-    return found
+    return [str(i.TextValue) for i in walk(ds.get("ContentSequence", [])) if "TextValue" in i]
 
 
 @pytest.fixture
