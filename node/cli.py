@@ -327,7 +327,7 @@ def cmd_route_test(args: argparse.Namespace) -> int:
     import pydicom
 
     from node.routing import route
-    from node.scp import SERIES_KEYWORDS, _series_tags
+    from node.scp import series_tags
 
     cfg = _load(args)
     studies: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -336,7 +336,7 @@ def cmd_route_test(args: argparse.Namespace) -> int:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception:
             continue
-        tags = _series_tags(ds, {k for r in cfg.routes for k in r.match})
+        tags = series_tags(ds, {k for r in cfg.routes for k in r.match})
         tags.update(calling_ae=args.calling_ae, called_ae=cfg.node.ae_title)
         studies[str(ds.StudyInstanceUID)].setdefault(str(ds.SeriesInstanceUID), tags)
     if not studies:
@@ -349,7 +349,6 @@ def cmd_route_test(args: argparse.Namespace) -> int:
         for t in series.values():
             print(f"  series {t.get('Modality', '?')} {t.get('BodyPartExamined', '')} "
                   f"{t.get('SeriesDescription', '')}".rstrip())
-    _ = SERIES_KEYWORDS
     return 0
 
 

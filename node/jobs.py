@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +260,3 @@ class JobManager:
         else:
             new = "done"
         self._set_study_state(study_uid, new)
-
-
-def job_spec_dict(spec: JobSpec) -> dict[str, Any]:
-    return asdict(spec)

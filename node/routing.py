@@ -99,10 +99,6 @@ def matches(match: dict[str, Any], tags: dict[str, Any]) -> bool:
 class RouteDecision:
     routes: list[RouteConfig]
 
-    @property
-    def primary(self) -> RouteConfig | None:
-        return self.routes[0] if self.routes else None
-
 
 def route(routes: Iterable[RouteConfig], series_tags: Iterable[dict[str, Any]]) -> RouteDecision:
     """The routes a study takes, given the tags of the first instance of each of its series."""

@@ -11,7 +11,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +84,7 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
-def _series_tags(ds: Dataset, extra: set[str]) -> dict[str, Any]:
+def series_tags(ds: Dataset, extra: set[str]) -> dict[str, Any]:
     tags: dict[str, Any] = {}
     for kw in set(SERIES_KEYWORDS) | extra:
         try:
@@ -104,7 +103,7 @@ def _series_tags(ds: Dataset, extra: set[str]) -> dict[str, Any]:
     return tags
 
 
-def _expected_count(ds: Dataset) -> int | None:
+def expected_count(ds: Dataset) -> int | None:
     modality = str(ds.get("Modality", ""))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if modality in ("CR", "DX", "MG", "IO") and frames == 1:
@@ -288,11 +287,11 @@ class StorageSCP:
                 self._assoc_studies[assoc_id].add(study_uid)
         if new_series:
             try:
-                tags = _series_tags(ds, self.route_keywords)
+                tags = series_tags(ds, self.route_keywords)
             except Exception:  # an odd element must not lose an instance that is already on disk
                 tags = {"Modality": modality}
         try:
-            expected = _expected_count(ds)
+            expected = expected_count(ds)
         except Exception:
             expected = None
         new = self.state.record_instance(
@@ -302,14 +301,3 @@ class StorageSCP:
         if self.on_instance:
             self.on_instance(InstanceEvent(study_uid, series_uid, sop_uid, new_series, not new or stored.duplicate))
         return 0x0000
-
-
-def wait_port(host: str, port: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False

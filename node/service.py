@@ -18,7 +18,7 @@ from node.assembly import completion_reason
 from node.config import Config
 from node.jobs import JobManager
 from node.routing import keywords_used
-from node.scp import SERIES_KEYWORDS, InstanceEvent, StorageSCP, _expected_count, _series_tags
+from node.scp import SERIES_KEYWORDS, InstanceEvent, StorageSCP, expected_count, series_tags
 from node.spool import Spool
 from node.state import State
 from node.tasks import make_app
@@ -114,8 +114,8 @@ class Listener:
                     study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
                     sop_uid=str(ds.SOPInstanceUID), path=str(path), size=path.stat().st_size,
                     calling_ae="", assoc_id="recovered", modality=str(ds.get("Modality", "")),
-                    sop_class_uid=str(ds.SOPClassUID), expected=_expected_count(ds),
-                    series_tags=_series_tags(ds, set(SERIES_KEYWORDS)))
+                    sop_class_uid=str(ds.SOPClassUID), expected=expected_count(ds),
+                    series_tags=series_tags(ds, set(SERIES_KEYWORDS)))
                 n += 1
             except Exception as exc:
                 log.warning("spool file %s cannot be indexed: %s", path.name, exc)

@@ -184,11 +184,6 @@ class State:
     def study_series(self, study_uid: str) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM series WHERE study_uid=? ORDER BY first_received", (study_uid,))
 
-    def open_associations(self, study_uid: str) -> int:
-        row = self.one("SELECT COUNT(*) AS n FROM assoc_studies s JOIN associations a USING(assoc_id)"
-                       " WHERE s.study_uid=? AND a.ended IS NULL", (study_uid,))
-        return int(row["n"]) if row else 0
-
     def released_by_senders(self, study_uid: str) -> bool:
         """True when no association that sent to the study is open and the last one ended by A-RELEASE."""
         rows = self.query("SELECT a.ended, a.how FROM assoc_studies s JOIN associations a USING(assoc_id)"

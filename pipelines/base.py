@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
@@ -359,11 +359,3 @@ class Pipeline(ABC):
 
     @abstractmethod
     def run(self, study: StudyInput) -> PipelineResult: ...
-
-
-def result_dict(result: PipelineResult) -> dict[str, Any]:
-    """A JSON-able summary (no arrays) for status pages and task return values."""
-    d = asdict(result)
-    d.pop("overlays", None)
-    d["overlays"] = [{"name": o.name, "kind": o.kind, "caption": o.caption} for o in result.overlays]
-    return d
