@@ -8,17 +8,16 @@ association and the node carry on.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
+import struct
 import threading
-import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -34,12 +33,18 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
+from node.acceptor import (
+    IMPLEMENTATION_UID,
+    IMPLEMENTATION_VERSION,
+    AcceptorServer,
+    Association,
+    StoreRequest,
+)
 from node.config import Config
-from node.spool import PREAMBLE, DiskFull, Spool, valid_uid
+from node.spool import PREAMBLE, DiskFull, IncomingFile, Spool, valid_uid
 from node.state import State
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,8 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, RLELossless,
 ]
 
-# C-STORE failure statuses (PS3.4 B.2.3)
+# C-STORE failure statuses (PS3.4 B.2.3, PS3.7 C.4.2)
+PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -77,11 +83,30 @@ class InstanceEvent:
     duplicate: bool
 
 
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble and File Meta Information (PS3.10 7.1), written before the data set streams in."""
+    ae = "".join(c for c in source_ae if c.isprintable() and c != "\\")[:16]
+    body = b"".join([
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _text(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _text(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _text(transfer_syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _text(IMPLEMENTATION_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION, b" ")),
+        *([_meta_element(0x0016, b"AE", _text(ae, b" "))] if ae else []),
+    ])
+    return PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 def series_tags(ds: Dataset, extra: set[str]) -> dict[str, Any]:
@@ -129,7 +154,15 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def supported_contexts() -> list[PresentationContext]:
+    contexts = [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    contexts.append(build_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]))
+    return contexts
+
+
 class StorageSCP:
+    """Association policy and the C-STORE hot path, on top of ``node.acceptor``."""
+
     def __init__(self, cfg: Config, state: State, spool: Spool,
                  on_instance: Callable[[InstanceEvent], None] | None = None,
                  on_association_end: Callable[[list[str]], None] | None = None,
@@ -143,36 +176,15 @@ class StorageSCP:
         self._known_series: set[str] = set()
         self._assoc_studies: dict[str, set[str]] = {}
         self._lock = threading.Lock()
-        self.server: Any = None
-        self.ae = self._make_ae()
-
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.cfg.node.ae_title)
-        ae.maximum_pdu_size = self.cfg.node.max_pdu
-        ae.maximum_associations = self.cfg.node.max_associations
-        ae.require_called_aet = True
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
-        return ae
+        self._io = ThreadPoolExecutor(max_workers=cfg.node.max_associations, thread_name_prefix="ainode-fsync")
+        self.server: AcceptorServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_C_ECHO, lambda event: 0x0000),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, lambda event: self._on_end(event, "released")),
-            (evt.EVT_ABORTED, lambda event: self._on_end(event, "aborted")),
-            (evt.EVT_CONN_CLOSE, lambda event: self._on_end(event, "lost")),
-        ]
-        self.server = self.ae.start_server((self.cfg.node.host, self.cfg.node.port), block=False,
-                                           evt_handlers=handlers, ssl_context=tls_context(self.cfg))
+        self.server = AcceptorServer((self.cfg.node.host, self.cfg.node.port), self, supported_contexts(),
+                                     max_pdu=self.cfg.node.max_pdu, max_associations=self.cfg.node.max_associations,
+                                     ssl_context=tls_context(self.cfg), acse_timeout=30, network_timeout=60)
+        self.server.start()
         log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, self.cfg.node.host, self.port,
                  " (TLS)" if self.cfg.node.tls else "")
 
@@ -186,14 +198,6 @@ class StorageSCP:
             self.server = None
 
     # ------------------------------------------------------------------ association policy
-    @staticmethod
-    def _on_conn_open(event: evt.Event) -> None:
-        try:
-            sock = event.assoc.dul.socket.socket
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):
-            pass
-
     def _peer_allowed(self, calling: str, host: str) -> bool:
         if self.cfg.node.accept_any_peer:
             return True
@@ -202,89 +206,90 @@ class StorageSCP:
                 return True
         return False
 
-    @staticmethod
-    def _reject(event: evt.Event, rsd: tuple[int, int, int]) -> None:
-        """As pynetdicom's own ACSE rejects: send A-ASSOCIATE-RJ, mark rejected, end the association."""
-        event.assoc.acse.send_reject(*rsd)
-        event.assoc.is_rejected = True
-        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
-        event.assoc.kill()
+    def policy(self, assoc: Association) -> tuple[int, int, int] | None:
+        if assoc.called_ae != self.cfg.node.ae_title:
+            log.warning("rejected association from %s@%s: called AE %r is not ours (%s)", assoc.calling_ae,
+                        assoc.host, assoc.called_ae, self.cfg.node.ae_title)
+            return REJECT_CALLED_AE
+        if not self._peer_allowed(assoc.calling_ae, assoc.host):
+            log.warning("rejected association from %s@%s: calling AE not a configured peer", assoc.calling_ae,
+                        assoc.host)
+            return REJECT_CALLING_AE
+        return None
 
-    def _on_requested(self, event: evt.Event) -> None:
-        rq = event.assoc.requestor
-        calling = str(rq.primitive.calling_ae_title).strip()
-        called = str(rq.primitive.called_ae_title).strip()
-        host = str(rq.address)
-        if called != self.cfg.node.ae_title:
-            log.warning("rejected association from %s@%s: called AE %r is not ours (%s)", calling, host, called,
-                        self.cfg.node.ae_title)
-            self._reject(event, REJECT_CALLED_AE)
-        elif not self._peer_allowed(calling, host):
-            log.warning("rejected association from %s@%s: calling AE not a configured peer", calling, host)
-            self._reject(event, REJECT_CALLING_AE)
-
-    def _on_accepted(self, event: evt.Event) -> None:
-        assoc_id = uuid.uuid4().hex
-        event.assoc.ainode_id = assoc_id  # type: ignore[attr-defined]
-        rq = event.assoc.requestor
-        self.state.association_started(assoc_id, str(rq.ae_title).strip(), str(rq.address))
+    def accepted(self, assoc: Association) -> None:
+        self.state.association_started(assoc.id, assoc.calling_ae, assoc.host)
         with self._lock:
-            self._assoc_studies[assoc_id] = set()
+            self._assoc_studies[assoc.id] = set()
 
-    def _on_end(self, event: evt.Event, how: str) -> None:
-        assoc_id = getattr(event.assoc, "ainode_id", None)
-        if assoc_id is None:
-            return
+    def ended(self, assoc: Association, how: str) -> None:
         with self._lock:
-            studies = self._assoc_studies.pop(assoc_id, None)
-        if studies is None:  # already handled (released, then connection closed)
+            studies = self._assoc_studies.pop(assoc.id, None)
+        if studies is None:
             return
-        self.state.association_ended(assoc_id, how)
+        self.state.association_ended(assoc.id, how)
         if self.on_association_end:
             self.on_association_end(sorted(studies))
 
     # ------------------------------------------------------------------ C-STORE
-    def _on_store(self, event: evt.Event) -> Dataset | int:
-        calling = str(event.assoc.requestor.ae_title).strip()
-        assoc_id = getattr(event.assoc, "ainode_id", "")
-        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+    def begin_store(self, assoc: Association, request: StoreRequest) -> InstanceSink:
+        return InstanceSink(self, assoc, request)
+
+    @staticmethod
+    def _parse(calling: str, request: StoreRequest, incoming: IncomingFile) -> Dataset | tuple[int, str]:
+        """The header, checked: a Dataset to store, or the (status, comment) to refuse it with."""
         try:
-            ds = event.dataset
-            study_uid = str(ds.get("StudyInstanceUID", "") or "")
-            series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-            ds_sop = str(ds.get("SOPInstanceUID", "") or "")
-            modality = str(ds.get("Modality", "") or "")
+            ds = pydicom.dcmread(incoming.path, stop_before_pixels=True)
+            uids = {kw: str(ds.get(kw, "") or "") for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
         except Exception as exc:
-            log.warning("C-STORE from %s: dataset cannot be parsed (%s): %s", calling, sop_uid[:64],
+            log.warning("C-STORE from %s: dataset cannot be parsed (%s): %s", calling, request.sop_instance_uid[:64],
                         type(exc).__name__)
-            return _status(CANNOT_UNDERSTAND, "dataset cannot be parsed")
-        bad = [name for name, uid in (("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
-                                       ("SeriesInstanceUID", series_uid)) if not valid_uid(uid)]
+            return CANNOT_UNDERSTAND, "dataset cannot be parsed"
+        bad = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID") if not valid_uid(uids[kw])]
         if bad:
             log.warning("C-STORE from %s: invalid %s, nothing stored", calling, " and ".join(bad))
-            return _status(CANNOT_UNDERSTAND, f"invalid {bad[0]}")
-        if ds_sop != sop_uid:
+            return CANNOT_UNDERSTAND, f"invalid {bad[0]}"
+        if uids["SOPInstanceUID"] != request.sop_instance_uid:
             log.warning("C-STORE from %s: SOPInstanceUID in dataset differs from the request", calling)
-            return _status(DATASET_MISMATCH, "SOPInstanceUID differs from request")
+            return DATASET_MISMATCH, "SOPInstanceUID differs from request"
+        return ds
+
+    def store_received(self, assoc: Association, request: StoreRequest, incoming: IncomingFile) -> tuple[int, str]:
+        """The whole data set is in ``incoming``: check it, make it durable, index it; only then succeed."""
+        calling = assoc.calling_ae
+        sop_uid = request.sop_instance_uid
+        # the data reach the disk while the header is parsed: the two together cost the slower of them
+        sync = self._io.submit(incoming.sync_and_close)
         try:
-            meta = DicomBytesIO()
-            write_file_meta_info(meta, event.file_meta, enforce_standard=True)
-            stored = self.spool.store(study_uid, series_uid, sop_uid,
-                                      [PREAMBLE, meta.getvalue(), event.encoded_dataset(include_meta=False)])
+            parsed = self._parse(calling, request, incoming)
+        finally:
+            sync_error = sync.exception()
+        if isinstance(parsed, tuple):
+            incoming.abandon()
+            return parsed
+        ds = parsed
+        if sync_error is not None:
+            incoming.abandon()
+            log.error("C-STORE from %s: cannot write instance: %s", calling, sync_error)
+            return OUT_OF_RESOURCES, "cannot write instance"
+        study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        modality = str(ds.get("Modality", "") or "")
+        try:
+            stored = self.spool.commit(incoming, study_uid, series_uid, sop_uid)
         except DiskFull as exc:
             log.error("C-STORE from %s refused: %s (node.min_free_disk_mb)", calling, exc)
-            return _status(OUT_OF_RESOURCES, "insufficient disk space")
+            return OUT_OF_RESOURCES, "insufficient disk space"
         except OSError as exc:
             log.error("C-STORE from %s: cannot write instance: %s", calling, exc)
-            return _status(OUT_OF_RESOURCES, "cannot write instance")
+            return OUT_OF_RESOURCES, "cannot write instance"
         new_series = False
         tags: dict[str, Any] = {}
         with self._lock:
             if series_uid not in self._known_series:
                 self._known_series.add(series_uid)
                 new_series = True
-            if assoc_id in self._assoc_studies:
-                self._assoc_studies[assoc_id].add(study_uid)
+            if assoc.id in self._assoc_studies:
+                self._assoc_studies[assoc.id].add(study_uid)
         if new_series:
             try:
                 tags = series_tags(ds, self.route_keywords)
@@ -296,8 +301,61 @@ class StorageSCP:
             expected = None
         new = self.state.record_instance(
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, path=str(stored.path), size=stored.size,
-            calling_ae=calling, assoc_id=assoc_id, modality=modality,
-            sop_class_uid=str(event.request.AffectedSOPClassUID), expected=expected, series_tags=tags)
+            calling_ae=calling, assoc_id=assoc.id, modality=modality,
+            sop_class_uid=request.sop_class_uid, expected=expected, series_tags=tags)
         if self.on_instance:
             self.on_instance(InstanceEvent(study_uid, series_uid, sop_uid, new_series, not new or stored.duplicate))
-        return 0x0000
+        return 0x0000, ""
+
+
+class InstanceSink:
+    """One C-STORE data set on its way to the spool. Refusals decided before the data arrive (bad SOP
+    Instance UID, low disk) still drain the fragments, so the association carries on."""
+
+    def __init__(self, scp: StorageSCP, assoc: Association, request: StoreRequest):
+        self.scp = scp
+        self.assoc = assoc
+        self.request = request
+        self.file: IncomingFile | None = None
+        self.failure: tuple[int, str] | None = None
+        if not valid_uid(request.sop_instance_uid):
+            log.warning("C-STORE from %s: invalid SOPInstanceUID, nothing stored", assoc.calling_ae)
+            self.failure = (CANNOT_UNDERSTAND, "invalid SOPInstanceUID")
+        elif scp.spool.low_on_space():
+            log.error("C-STORE from %s refused: free space below %d MB (node.min_free_disk_mb)", assoc.calling_ae,
+                      scp.cfg.node.min_free_disk_mb)
+            self.failure = (OUT_OF_RESOURCES, "insufficient disk space")
+        else:
+            try:
+                self.file = scp.spool.incoming(file_meta(request.sop_class_uid, request.sop_instance_uid,
+                                                         request.transfer_syntax, assoc.calling_ae))
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        log.error("C-STORE from %s: cannot write instance: %s", self.assoc.calling_ae, exc)
+        self.failure = (OUT_OF_RESOURCES, "cannot write instance")
+        self.discard()
+
+    def write(self, data: memoryview) -> None:
+        if self.file is not None:
+            try:
+                self.file.write(data)
+            except OSError as exc:
+                self._fail(exc)
+
+    def discard(self) -> None:
+        if self.file is not None:
+            file, self.file = self.file, None
+            file.abandon()
+
+    def finish(self) -> tuple[int, str]:
+        if self.failure is not None or self.file is None:
+            return self.failure or (PROCESSING_FAILURE, "instance not stored")
+        file, self.file = self.file, None
+        try:
+            return self.scp.store_received(self.assoc, self.request, file)
+        except Exception:
+            log.exception("C-STORE from %s: instance not stored", self.assoc.calling_ae)
+            file.abandon()
+            return PROCESSING_FAILURE, "instance not stored"

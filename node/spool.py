@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +44,48 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class IncomingFile:
+    """An instance being received, streamed to ``spool/.incoming`` fragment by fragment.
+
+    Nothing here is durable or visible to anyone until ``Spool.commit``; a crash leaves a ``.tmp``
+    file that recovery deletes (it was never acknowledged).
+    """
+
+    def __init__(self, directory: Path, head: bytes):
+        self.path = directory / f"{uuid.uuid4().hex}.tmp"
+        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self.size = 0
+        self.write(head)
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
+
+    def sync_and_close(self) -> None:
+        assert self.fd is not None
+        fd, self.fd = self.fd, None
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def abandon(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+        self.path.unlink(missing_ok=True)
+
+
 class Spool:
     def __init__(self, storage_dir: str | Path, min_free_mb: int = 1024):
         self.root = Path(storage_dir) / "spool"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = self.root / ".incoming"
+        self.incoming_dir.mkdir(exist_ok=True)
         self.min_free_bytes = int(min_free_mb) * 1024 * 1024
         self._known_dirs: set[Path] = set()
 
@@ -72,38 +111,47 @@ class Spool:
             _fsync_dir(c.parent)
         self._known_dirs.add(directory)
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, chunks: list[bytes]) -> Stored:
-        """Write, fsync, rename, fsync the directory. Raises DiskFull / ValueError / OSError.
+    def low_on_space(self, incoming: int = 0) -> bool:
+        return self.free_bytes() - incoming < self.min_free_bytes
+
+    def incoming(self, head: bytes) -> IncomingFile:
+        """A new file for one instance as it arrives, starting with ``head`` (preamble and file meta)."""
+        return IncomingFile(self.incoming_dir, head)
+
+    def commit(self, incoming: IncomingFile, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
+        """fdatasync, link into place, fsync the directory. Raises DiskFull / ValueError / OSError and then
+        leaves nothing behind.
 
         A file already present for this SOP Instance UID is kept (first copy wins): a re-send is a
         duplicate, and overwriting a file a worker may be reading would be worse than ignoring it.
+        ``link`` rather than ``rename`` makes that check atomic when two associations race.
         """
-        final = self.path_for(study_uid, series_uid, sop_uid)
-        size = sum(len(c) for c in chunks)
-        if final.exists():
-            return Stored(final, final.stat().st_size, duplicate=True)
-        if self.free_bytes() - size < self.min_free_bytes:
-            raise DiskFull(f"free space below {self.min_free_bytes // (1024 * 1024)} MB")
-        self._ensure_dir(final.parent)
-        tmp = final.with_name(f".{sop_uid}.{os.getpid()}.{id(chunks)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
+            final = self.path_for(study_uid, series_uid, sop_uid)
+            if final.exists():
+                incoming.abandon()
+                return Stored(final, final.stat().st_size, duplicate=True)
+            if self.low_on_space():
+                raise DiskFull(f"free space below {self.min_free_bytes // (1024 * 1024)} MB")
+            if incoming.fd is not None:
+                incoming.sync_and_close()
+            self._ensure_dir(final.parent)
             try:
-                os.writev(fd, chunks)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
+                os.link(incoming.path, final)
+            except FileExistsError:
+                incoming.abandon()
+                return Stored(final, final.stat().st_size, duplicate=True)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            incoming.abandon()
             raise
+        incoming.path.unlink(missing_ok=True)
         _fsync_dir(final.parent)
-        return Stored(final, size, duplicate=False)
+        return Stored(final, incoming.size, duplicate=False)
 
     def remove_temp_files(self) -> int:
         """Partial writes from a killed process were never acknowledged: delete them."""
         n = 0
-        for tmp in self.root.glob("*/*/.*.tmp"):
+        for tmp in [*self.incoming_dir.glob("*.tmp"), *self.root.glob("*/*/.*.tmp")]:
             tmp.unlink(missing_ok=True)
             n += 1
         return n
