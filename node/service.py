@@ -50,6 +50,7 @@ class Listener:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.recover()
+        self.spool.start()
         self._start_delivery()
         self._start_notifier()
         self.scp.start()
@@ -58,6 +59,7 @@ class Listener:
 
     def stop(self) -> None:
         self.scp.stop()
+        self.spool.stop()
         self._stop.set()
         self._wake.set()
         if self._thread:
@@ -89,14 +91,14 @@ class Listener:
 
     def recover(self) -> None:
         """Make the state database agree with the spool after any kind of stop."""
-        removed = self.spool.remove_temp_files()
+        linked, removed = self.spool.recover_incoming()
         closed = self.state.close_open_associations()
         indexed = self.reconcile_spool()
         # senders could not reach us while we were down: quiet timers start again from now
         self.state.execute("UPDATE studies SET last_received=? WHERE state='receiving'", (time.time(),))
-        if removed or closed or indexed:
-            log.info("recovery: %d partial file(s) removed, %d association(s) closed, %d instance(s) re-indexed",
-                     removed, closed, indexed)
+        if linked or removed or closed or indexed:
+            log.info("recovery: %d flushed instance(s) re-linked, %d partial file(s) removed, %d association(s)"
+                     " closed, %d instance(s) re-indexed", linked, removed, closed, indexed)
         try:
             self.jobs.recover()
         except Exception as exc:

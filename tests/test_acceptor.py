@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sqlite3
 import struct
 from io import BytesIO
 from pathlib import Path
@@ -30,6 +31,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 from support.dicomgen import ct_series
 from support.node import NodeProcess, base_config, free_port, storescu, wait_for
+from support.node import spool_files as support_spool_files
 
 from node.acceptor import IMPLEMENTATION_UID
 
@@ -113,7 +115,12 @@ class RawPeer:
 
 
 def spool_files(node: NodeProcess) -> list[Path]:
-    return sorted(p for p in (node.storage / "spool").rglob("*") if p.is_file())
+    return support_spool_files(node.storage)
+
+
+def n_aborted(node: NodeProcess) -> int:
+    with sqlite3.connect(f"file:{node.storage / 'state.db'}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT COUNT(*) FROM associations WHERE how='aborted'").fetchone()[0]
 
 
 def node_still_serves(node: NodeProcess, tmp: Path) -> bool:
@@ -159,7 +166,7 @@ def test_data_set_cut_off_by_abort_leaves_nothing_and_can_be_sent_again(node: No
     (f,) = ct_series(tmp_path, 1, size=256)
     ds = pydicom.dcmread(f)
     body = encode(ds, False, True)
-    before = spool_files(node)
+    before, aborted_before = spool_files(node), n_aborted(node)
     peer = RawPeer(node.port)
     peer.command(1, CommandField=0x0001, MessageID=1, Priority=0, CommandDataSetType=0x0000,
                  AffectedSOPClassUID=CTImageStorage, AffectedSOPInstanceUID=ds.SOPInstanceUID)
@@ -168,7 +175,7 @@ def test_data_set_cut_off_by_abort_leaves_nothing_and_can_be_sent_again(node: No
         peer.pdata(1, 0x00, body[i:min(i + 16000, half)])
     peer.send(struct.pack(">BBI", ABORT, 0, 4) + b"\x00\x00\x00\x00")
     peer.close()
-    wait_for(lambda: not list((node.storage / "spool" / ".incoming").iterdir()), 5)
+    wait_for(lambda: n_aborted(node) == aborted_before + 1, 5)  # the node has seen the abort
     assert spool_files(node) == before, "an instance that was never acknowledged must leave no file"
     assert storescu(node.port, [f]).returncode == 0
     stored = [p for p in spool_files(node) if p.name == f"{ds.SOPInstanceUID}.dcm"]

@@ -29,10 +29,13 @@ def test_listener_killed_mid_series_loses_nothing_and_runs_one_job(node_factory,
     sender.wait(60)
     on_disk = {p.name for p in spool.rglob("*.dcm")}
     assert 40 <= len(on_disk) < 200, "the kill must land while the series is arriving"
-    assert not list(spool.rglob("*.tmp")) or True  # partial writes may exist now; recovery must remove them
 
     node.start()  # same storage dir; recovery runs before the port opens
-    assert not list(spool.rglob(".*.tmp")), "partial writes left after recovery"
+    pool = tmp_path / "var" / "spool" / ".incoming"
+    assert not [p for p in pool.iterdir() if p.stat().st_size and p.stat().st_nlink == 1], \
+        "partial writes left after recovery"
+    assert all(pydicom.dcmread(p).pixel_array.shape == (128, 128) for p in spool.rglob("*.dcm")), \
+        "every instance under its final name is whole"
     storescu(port, files)  # the modality resends everything, as a modality does after a failure
     study = node.wait_study(study_uid, timeout=120)
     assert study["instances"] == 200

@@ -20,6 +20,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 from support.dicomgen import ct_series
 from support.node import ECHOSCU, NodeProcess, base_config, free_port, storescu, wait_for
+from support.node import spool_files as support_spool_files
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def associate(node: NodeProcess, calling: str = "MODALITY1", called: str = "AINO
 
 
 def spool_files(node: NodeProcess) -> list[Path]:
-    return sorted(p for p in (node.storage / "spool").rglob("*") if p.is_file())
+    return support_spool_files(node.storage)
 
 
 def test_echo_from_configured_peer(node: NodeProcess) -> None:

@@ -58,6 +58,20 @@ def storescu(port: int, files: list[Path] | list[str], aet: str = "MODALITY1", a
     return r
 
 
+def spool_files(storage: Path) -> list[Path]:
+    """Files with content in the spool, each once: an empty pool file holds nothing, and a pool name not
+    yet settled is a second link to a stored instance."""
+    out = []
+    for p in (storage / "spool").rglob("*"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # settled meanwhile
+            continue
+        if p.is_file() and st.st_size and not (p.parent.name == ".incoming" and st.st_nlink > 1):
+            out.append(p)
+    return sorted(out)
+
+
 def base_config(storage: Path, port: int, **node: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port, "storage_dir": str(storage),
