@@ -12,8 +12,8 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -44,6 +44,7 @@ from node.acceptor import (
     StoreRequest,
 )
 from node.config import Config
+from node.header import WANTED, quick_header
 from node.spool import PREAMBLE, DiskFull, IncomingFile, Spool, valid_uid
 from node.state import State
 
@@ -54,6 +55,8 @@ TRANSFER_SYNTAXES = [
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, RLELossless,
 ]
+
+HEAD_BYTES = 256 * 1024  # header attributes up to (0028,0008) sit in the first few kB, even with vendor blobs
 
 # C-STORE failure statuses (PS3.4 B.2.3, PS3.7 C.4.2)
 PROCESSING_FAILURE = 0x0110
@@ -128,7 +131,8 @@ def series_tags(ds: Dataset, extra: set[str]) -> dict[str, Any]:
     return tags
 
 
-def expected_count(ds: Dataset) -> int | None:
+def expected_count(ds: Dataset | dict[str, str]) -> int | None:
+    """From a Dataset, or from the quick header reader's attributes (same keywords)."""
     modality = str(ds.get("Modality", ""))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if modality in ("CR", "DX", "MG", "IO") and frames == 1:
@@ -176,7 +180,6 @@ class StorageSCP:
         self._known_series: set[str] = set()
         self._assoc_studies: dict[str, set[str]] = {}
         self._lock = threading.Lock()
-        self._io = ThreadPoolExecutor(max_workers=cfg.node.max_associations, thread_name_prefix="ainode-fsync")
         self.server: AcceptorServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -236,44 +239,46 @@ class StorageSCP:
         return InstanceSink(self, assoc, request)
 
     @staticmethod
-    def _parse(calling: str, request: StoreRequest, incoming: IncomingFile) -> Dataset | tuple[int, str]:
-        """The header, checked: a Dataset to store, or the (status, comment) to refuse it with."""
-        try:
-            ds = pydicom.dcmread(incoming.path, stop_before_pixels=True)
-            uids = {kw: str(ds.get(kw, "") or "") for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
-        except Exception as exc:
-            log.warning("C-STORE from %s: dataset cannot be parsed (%s): %s", calling, request.sop_instance_uid[:64],
-                        type(exc).__name__)
-            return CANNOT_UNDERSTAND, "dataset cannot be parsed"
-        bad = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID") if not valid_uid(uids[kw])]
+    def _parse(calling: str, request: StoreRequest, incoming: IncomingFile, head: bytes,
+               complete: bool) -> dict[str, str] | tuple[int, str]:
+        """The hot-path attributes, checked: what to store the instance under, or (status, comment) to
+        refuse it with. pydicom reads the file only when the quick reader cannot."""
+        attrs = quick_header(head, request.transfer_syntax, complete)
+        if attrs is None or not all(attrs.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                            "SOPInstanceUID")):
+            try:
+                ds = pydicom.dcmread(incoming.path, stop_before_pixels=True)
+                attrs = {kw: str(ds.get(kw, "") or "") for kw in WANTED.values()}
+            except Exception as exc:
+                log.warning("C-STORE from %s: dataset cannot be parsed (%s): %s", calling,
+                            request.sop_instance_uid[:64], type(exc).__name__)
+                return CANNOT_UNDERSTAND, "dataset cannot be parsed"
+        bad = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID") if not valid_uid(attrs.get(kw, ""))]
         if bad:
             log.warning("C-STORE from %s: invalid %s, nothing stored", calling, " and ".join(bad))
             return CANNOT_UNDERSTAND, f"invalid {bad[0]}"
-        if uids["SOPInstanceUID"] != request.sop_instance_uid:
+        if attrs.get("SOPInstanceUID", "") != request.sop_instance_uid:
             log.warning("C-STORE from %s: SOPInstanceUID in dataset differs from the request", calling)
             return DATASET_MISMATCH, "SOPInstanceUID differs from request"
-        return ds
+        return attrs
 
-    def store_received(self, assoc: Association, request: StoreRequest, incoming: IncomingFile) -> tuple[int, str]:
+    def _series_tags(self, path: Path, modality: str) -> dict[str, Any]:
+        try:
+            return series_tags(pydicom.dcmread(path, stop_before_pixels=True), self.route_keywords)
+        except Exception:  # an odd element must not lose an instance that is already on disk
+            return {"Modality": modality}
+
+    def store_received(self, assoc: Association, request: StoreRequest, incoming: IncomingFile, head: bytes,
+                       complete: bool) -> tuple[int, str]:
         """The whole data set is in ``incoming``: check it, make it durable, index it; only then succeed."""
         calling = assoc.calling_ae
         sop_uid = request.sop_instance_uid
-        # the data reach the disk while the header is parsed: the two together cost the slower of them
-        sync = self._io.submit(incoming.sync_and_close)
-        try:
-            parsed = self._parse(calling, request, incoming)
-        finally:
-            sync_error = sync.exception()
-        if isinstance(parsed, tuple):
+        attrs = self._parse(calling, request, incoming, head, complete)
+        if isinstance(attrs, tuple):
             incoming.abandon()
-            return parsed
-        ds = parsed
-        if sync_error is not None:
-            incoming.abandon()
-            log.error("C-STORE from %s: cannot write instance: %s", calling, sync_error)
-            return OUT_OF_RESOURCES, "cannot write instance"
-        study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-        modality = str(ds.get("Modality", "") or "")
+            return attrs
+        study_uid, series_uid = attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"]
+        modality = attrs.get("Modality", "")
         try:
             stored = self.spool.commit(incoming, study_uid, series_uid, sop_uid)
         except DiskFull as exc:
@@ -283,20 +288,15 @@ class StorageSCP:
             log.error("C-STORE from %s: cannot write instance: %s", calling, exc)
             return OUT_OF_RESOURCES, "cannot write instance"
         new_series = False
-        tags: dict[str, Any] = {}
         with self._lock:
             if series_uid not in self._known_series:
                 self._known_series.add(series_uid)
                 new_series = True
             if assoc.id in self._assoc_studies:
                 self._assoc_studies[assoc.id].add(study_uid)
-        if new_series:
-            try:
-                tags = series_tags(ds, self.route_keywords)
-            except Exception:  # an odd element must not lose an instance that is already on disk
-                tags = {"Modality": modality}
+        tags = self._series_tags(stored.path, modality) if new_series else {}
         try:
-            expected = expected_count(ds)
+            expected = expected_count(attrs)
         except Exception:
             expected = None
         new = self.state.record_instance(
@@ -318,6 +318,8 @@ class InstanceSink:
         self.request = request
         self.file: IncomingFile | None = None
         self.failure: tuple[int, str] | None = None
+        self.head = bytearray()  # the first HEAD_BYTES of the data set, for the quick header reader
+        self.received = 0
         if not valid_uid(request.sop_instance_uid):
             log.warning("C-STORE from %s: invalid SOPInstanceUID, nothing stored", assoc.calling_ae)
             self.failure = (CANNOT_UNDERSTAND, "invalid SOPInstanceUID")
@@ -339,6 +341,9 @@ class InstanceSink:
 
     def write(self, data: memoryview) -> None:
         if self.file is not None:
+            if self.received < HEAD_BYTES:
+                self.head += data[:HEAD_BYTES - self.received]
+            self.received += len(data)
             try:
                 self.file.write(data)
             except OSError as exc:
@@ -354,7 +359,8 @@ class InstanceSink:
             return self.failure or (PROCESSING_FAILURE, "instance not stored")
         file, self.file = self.file, None
         try:
-            return self.scp.store_received(self.assoc, self.request, file)
+            return self.scp.store_received(self.assoc, self.request, file, bytes(self.head),
+                                           self.received <= HEAD_BYTES)
         except Exception:
             log.exception("C-STORE from %s: instance not stored", self.assoc.calling_ae)
             file.abandon()
