@@ -19,6 +19,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -485,9 +486,11 @@ class AcceptorServer:
         while not self._stopping:
             try:
                 sock, address = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping:
                     return
+                log.error("cannot accept a connection: %s", exc)  # e.g. out of file descriptors
+                time.sleep(0.1)
                 continue
             conn = _Connection(self, sock, address[:2])
             with self._lock:
