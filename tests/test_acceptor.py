@@ -11,6 +11,7 @@ import hashlib
 import socket
 import sqlite3
 import struct
+import subprocess
 from io import BytesIO
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 from support.dicomgen import ct_series
-from support.node import NodeProcess, base_config, free_port, storescu, wait_for
+from support.node import STORESCU, NodeProcess, base_config, free_port, storescu, wait_for
 from support.node import spool_files as support_spool_files
 
 from node.acceptor import IMPLEMENTATION_UID
@@ -240,3 +241,18 @@ def test_a_large_instance_streams_to_disk_without_being_held_in_memory(node: Nod
     assert grew < 40, f"listener peak memory grew {grew:.0f} MB for a 100 MB instance"
     (stored,) = [p for p in spool_files(node) if p.name == f"{ds.SOPInstanceUID}.dcm"]
     assert hashlib.sha256(pydicom.dcmread(stored).PixelData).hexdigest() == digest
+
+
+def test_parallel_associations_racing_on_the_same_instances_store_each_once(node: NodeProcess, tmp_path: Path) -> None:
+    study = generate_uid()
+    series = [ct_series(tmp_path / f"s{i}", 30, size=64, study_uid=study, seed=i) for i in range(3)]
+    senders = [subprocess.Popen([STORESCU, "-aet", "MODALITY1", "-aec", "AINODE", "127.0.0.1", str(node.port),
+                                 *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for files in (*series, series[0], series[0])]  # series 0 three times at once
+    assert all(s.wait(120) == 0 for s in senders)
+    stored = [p for p in spool_files(node) if p.parts[-3] == study]
+    assert len(stored) == 90
+    sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f).PixelData for files in series for f in files}
+    assert {p.stem for p in stored} == set(sent)
+    assert all(pydicom.dcmread(p).PixelData == sent[p.stem] for p in stored)
+    assert node.study(study)["instances"] == 90, "each instance indexed once"
