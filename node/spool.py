@@ -26,6 +26,7 @@ import queue
 import shutil
 import struct
 import threading
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class Spool:
         self._settle: queue.SimpleQueue[tuple[Path, Path] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._last_refill_warning = -1e9
 
     # ------------------------------------------------------------------ background work
     def start(self) -> None:
@@ -184,7 +186,9 @@ class Spool:
                     for path in made:
                         self._pool.put(path)
             except OSError as exc:  # full disk: instances fall back to the two-flush path and report it
-                log.warning("spool pool cannot be refilled: %s", exc)
+                if time.monotonic() - self._last_refill_warning > 60:
+                    self._last_refill_warning = time.monotonic()
+                    log.warning("spool pool cannot be refilled: %s", exc)
 
     def _settler(self) -> None:
         done = False
