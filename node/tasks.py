@@ -176,7 +176,7 @@ def apply_critical_policy(result: Any, policy: dict[str, float | None]) -> None:
 def _encode(result: Any, spec: JobSpec) -> tuple[list[str], str]:
     """Result objects go to the outbox only if every one of them validates."""
     try:
-        from node.results import EncodeOptions, SOPRef, ValidationFailed, encode, write_validated
+        from node.results import EncodeOptions, SOPRef, ValidatedWriter, ValidationFailed, encode
     except ImportError:  # results writer not installed: keep the PipelineResult only
         log.warning("node.results not available; job %s produced no DICOM objects", spec.job_id)
         return [], ""
@@ -184,8 +184,9 @@ def _encode(result: Any, spec: JobSpec) -> tuple[list[str], str]:
     opts = EncodeOptions(language=spec.language, sr_class=spec.sr_class, predecessors=preds,
                          device_uid=spec.device_uid or None)
     try:
-        datasets = encode(result, [Path(p) for p in spec.paths], opts)
-        paths = write_validated(datasets, Path(spec.outbox_dir))
+        with ValidatedWriter(Path(spec.outbox_dir)) as writer:  # each object validated while the next is made
+            encode(result, [Path(p) for p in spec.paths], opts, on_object=writer.add)
+            paths = writer.commit()
     except ValidationFailed as exc:
         log.error("job %s: result objects failed validation: %s", spec.job_id, exc)
         return [], f"result objects failed validation: {exc}"

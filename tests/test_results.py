@@ -653,3 +653,82 @@ def test_a_passed_shape_skips_pixelmed_but_still_runs_dciodvfy(cr: Dataset, tmp_
         assert any("Completion" in p for p in validate(broken))
     finally:
         validate_mod._pixelmed_run = real
+
+
+# --------------------------------------------------------------------------- fast paths say what the slow ones said
+def test_group_counts_known_before_building(scenarios: dict[str, Scenario], cr: Dataset, ct_files: list[Path],
+                                            head: Dataset) -> None:
+    """The PixelMed one-planar-group rule is decided from the result, so the groups are built once."""
+    from highdicom.sr import PlanarROIMeasurementsAndQualitativeEvaluations
+
+    from node.results.sources import load_sources
+    from node.results.sr import _groups, group_count, planar_group_count
+
+    cases = {"cxr": (cxr_result(cr), [cr]), "zh": (zh_unverified_result(cr), [cr]),
+             "ct": (ct_result(ct_files), ct_files), "head": (head_result(head), [head])}
+    for name, (result, sources) in cases.items():
+        built = _groups(result, load_sources(sources), planar_ok=True)
+        planar = sum(isinstance(g, PlanarROIMeasurementsAndQualitativeEvaluations) for g in built)
+        assert (group_count(result), planar_group_count(result)) == (len(built), planar), name
+    assert planar_group_count(cases["zh"][0]) == 1  # the case the rule is for: it is exercised above
+
+
+@pytest.mark.parametrize("name", ["cxr", "ct", "zh", "head"])
+def test_tid1500_evidence_is_what_highdicom_collects(scenarios: dict[str, Scenario], cr: Dataset,
+                                                     ct_files: list[Path], head: Dataset, name: str) -> None:
+    """The document is made around an empty root and given its tree after: its evidence must be what
+    highdicom collects from the whole tree, and highdicom must read the document back."""
+    from highdicom.sr import Comprehensive3DSR, ComprehensiveSR
+    from highdicom.sr.utils import collect_evidence
+
+    sr = scenarios[name].tid1500
+    headers = {"cxr": [cr], "zh": [cr], "ct": [pydicom.dcmread(p) for p in ct_files], "head": [head]}[name]
+    same_study, _ = collect_evidence(headers, sr, study_instance_uid=sr.StudyInstanceUID)
+    assert list(sr.CurrentRequestedProcedureEvidenceSequence) == same_study
+    assert "PertinentOtherEvidenceSequence" not in sr
+    cls = Comprehensive3DSR if sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" else ComprehensiveSR
+    back = cls.from_dataset(sr)
+    assert len(back.content[0].ContentSequence) == len(sr.ContentSequence)  # the whole tree parsed
+    parsed = back.content.get_image_measurement_groups() + back.content.get_planar_roi_measurement_groups()
+    assert len(parsed) == len(find_items(sr, ("125007", "DCM"), "CONTAINER"))
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500" and sr.ValueType == "CONTAINER"
+
+
+def test_reference_outside_the_sources_is_refused(cr: Dataset) -> None:
+    r = cxr_result(cr)
+    r.findings[2].key_images = [ImageRef(generate_uid(), generate_uid(), str(cr.SOPClassUID))]
+    with pytest.raises(ValueError, match="not among its sources"):
+        encode(r, [cr], EncodeOptions())
+
+
+@pytest.mark.parametrize("rescale", [None, (2.0, -1024.0)])
+def test_display_table_equals_per_pixel_windowing(cr: Dataset, rescale: tuple[float, float] | None) -> None:
+    from pydicom.pixels import apply_modality_lut
+
+    from node.results.render import _grey_levels
+
+    ds = copy.deepcopy(cr)
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+        ds.WindowCenter, ds.WindowWidth = 2 * 15000 - 1024, 60000
+    per_pixel = _grey_levels(np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64), ds)
+    assert np.array_equal(display_values(ds), per_pixel)
+
+
+def test_heatmap_blend_matches_the_float_formula() -> None:
+    """8-bit blending in PIL against PS-style float alpha blending: within a few grey levels."""
+    from PIL import Image
+
+    from node.results.render import _colormap, blend_heatmap
+
+    rng = np.random.default_rng(1)
+    rgb = np.repeat(rng.integers(0, 256, (600, 500), dtype=np.uint8)[..., None], 3, axis=-1)
+    heat = np.zeros((60, 50), np.float32)
+    yy, xx = np.mgrid[0:60, 0:50]
+    heat[:] = np.clip(1 - np.hypot(yy - 30, xx - 25) / 25, 0, 1)
+    hm = np.clip(np.asarray(Image.fromarray(heat, mode="F").resize((500, 600), Image.BILINEAR)), 0, 1)
+    alpha = (0.5 * np.clip((hm - 0.2) / 0.8, 0.0, 1.0))[..., None]
+    expected = rgb * (1 - alpha) + _colormap(hm) * alpha
+    diff = np.abs(blend_heatmap(rgb, heat).astype(float) - expected)
+    assert diff.max() <= 4 and diff.mean() < 0.5
+    assert np.array_equal(blend_heatmap(rgb, heat)[hm < 0.19], rgb[hm < 0.19])  # anatomy untouched below 0.2

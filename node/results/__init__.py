@@ -1,8 +1,9 @@
 """PipelineResult -> DICOM result objects (TID 1500 SR, TID 2000 narrative SR, SC summary, KOS).
 
 One writer for every pipeline, so viewers see the same shapes whatever produced them. The worker calls
-``encode()`` then ``write_validated()``; nothing reaches the outbox without passing dciodvfy, dsrdump
-and PixelMed's DicomSRValidator.
+``encode()`` with a ``ValidatedWriter``'s ``add`` as ``on_object``, so each object is validated while the
+next is made, then commits; nothing reaches the outbox without passing dciodvfy, dsrdump and PixelMed's
+DicomSRValidator. ``write_validated()`` does the same for a finished list.
 
 ``encode()`` returns an empty list when ``result.status`` is not "ok" (refused / model unavailable):
 there is nothing clinical to say, and the caller records ``result.reason`` in the node's status.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +28,11 @@ from pipelines.base import PipelineResult
 
 from .common import Context, new_uid
 from .sources import SOPRef, copy_patient_study, key_image_ref, load_sources
-from .validate import ValidationFailed, validate, validate_many, write_validated
+from .validate import ValidationFailed, validate, validate_many
+from .writer import ValidatedWriter, write_validated
 
-__all__ = ["EncodeOptions", "SOPRef", "ValidationFailed", "encode", "validate", "validate_many", "write_validated"]
+__all__ = ["EncodeOptions", "SOPRef", "ValidatedWriter", "ValidationFailed", "encode", "validate", "validate_many",
+           "write_validated"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +51,12 @@ class EncodeOptions:
     series_number_base: int = 900
 
 
-def encode(result: PipelineResult, sources: list[Path] | list[Dataset], options: EncodeOptions) -> list[Dataset]:
+def encode(result: PipelineResult, sources: list[Path] | list[Dataset], options: EncodeOptions,
+           on_object: Callable[[Dataset], None] | None = None) -> list[Dataset]:
     """Result objects in delivery order: measurement SR, narrative SR, SC image(s), then KOS if any.
 
-    Not validated here: the caller passes the list to ``write_validated``.
+    Not validated here: ``on_object`` gets each object, in that order, as soon as it is final (the worker
+    passes ``ValidatedWriter.add``); otherwise the caller passes the list to ``write_validated``.
     """
     if result.status != "ok":
         log.info("result of %s has status %s; no objects encoded", result.pipeline, result.status)
@@ -61,10 +67,11 @@ def encode(result: PipelineResult, sources: list[Path] | list[Dataset], options:
         # highdicom warns about single-component person names and quotes the name: that would put
         # patient names into worker logs. The names are copied as the source has them either way.
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
-        return _encode(result, sources, options)
+        return _encode(result, sources, options, on_object)
 
 
-def _encode(result: PipelineResult, sources: list[Path] | list[Dataset], options: EncodeOptions) -> list[Dataset]:
+def _encode(result: PipelineResult, sources: list[Path] | list[Dataset], options: EncodeOptions,
+            on_object: Callable[[Dataset], None] | None) -> list[Dataset]:
     from .kos import build_kos
     from .narrative import build_narrative
     from .sc import build_secondary_captures
@@ -76,15 +83,21 @@ def _encode(result: PipelineResult, sources: list[Path] | list[Dataset], options
                   institution=options.institution, manufacturer=options.manufacturer,
                   device_uid=options.device_uid or new_uid(), series_number_base=options.series_number_base)
     key = key_image_ref(result, srcs)
-    out: list[Dataset] = [build_measurement_report(result, srcs, key, ctx), build_narrative(result, srcs, ctx)]
-    scs = build_secondary_captures(result, srcs, key, ctx)
-    out.extend(scs)
     patient = srcs[0].header
-    for obj in out:
+    out: list[Dataset] = []
+
+    def emit(obj: Dataset) -> None:
         copy_patient_study(obj, patient)
+        out.append(obj)
+        if on_object is not None:
+            on_object(obj)
+
+    emit(build_measurement_report(result, srcs, key, ctx))
+    emit(build_narrative(result, srcs, ctx))
+    for sc in build_secondary_captures(result, srcs, key, ctx):
+        emit(sc)
     kos = build_kos(result, srcs, key, out, ctx)
     if kos is not None:
-        copy_patient_study(kos, patient)
-        out.append(kos)
+        emit(kos)
     log.info("encoded %d result objects for %s in %.2f s", len(out), result.pipeline, time.perf_counter() - t0)
     return out

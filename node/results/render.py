@@ -131,17 +131,43 @@ def window_linear(x: np.ndarray, centre: float, width: float) -> np.ndarray:
 
 
 def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
-    """Grey levels 0..255 as a viewer would show the image (presentation polarity applied)."""
+    """Grey levels 0..255 as a viewer would show the image (presentation polarity applied).
+
+    Integer pixels go through a lookup table over the stored values present: the same float64
+    arithmetic on a few thousand distinct values instead of every pixel of a 2000 x 2000 radiograph
+    (a 30 MB float64 image and its temporaries cost more than everything else in the summary image).
+    """
     arr = ds.pixel_array
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
     if nframes > 1:
         arr = arr[(frame or 1) - 1]
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax(arr)
-    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if arr.dtype.kind in "iu" and arr.size and _has_voi(ds):  # (a robust range needs every pixel: no table)
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo <= MAX_LUT_ENTRIES:
+            values = np.arange(lo, hi + 1, dtype=np.int64).astype(arr.dtype)
+            lut = _grey_levels(np.asarray(apply_modality_lut(values, ds), dtype=np.float64), ds)
+            return lut[np.subtract(arr, lo, dtype=np.int32 if arr.dtype.itemsize <= 2 else np.int64)]
+    return _grey_levels(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), ds)
+
+
+#: Stored-value ranges up to this size are windowed through a table (16-bit images always are).
+MAX_LUT_ENTRIES = 1 << 17
+
+
+def _has_voi(ds: Dataset) -> bool:
+    """The display mapping depends on the pixel value alone (a VOI LUT or a window), not on the histogram."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) and "LUTData" in ds.VOILUTSequence[0]:
+        return True
+    return "WindowCenter" in ds and "WindowWidth" in ds and str(ds.WindowWidth) != ""
+
+
+def _grey_levels(x: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality values -> display grey levels 0..255: VOI LUT, else window, else a robust range."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) and "LUTData" in ds.VOILUTSequence[0]:
         norm = voi_lut(x, ds.VOILUTSequence[0])
-    elif "WindowCenter" in ds and "WindowWidth" in ds and str(ds.WindowWidth) != "":
+    elif _has_voi(ds):
         c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
         if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID":
             norm = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / max(w, 1.0)))
@@ -185,14 +211,33 @@ def _colormap(v: np.ndarray) -> np.ndarray:
 
 
 def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, max_alpha: float = 0.5) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    hm = np.asarray(heat, dtype=np.float32)
-    if hm.shape != (h, w):
-        hm = np.asarray(Image.fromarray(hm, mode="F").resize((w, h), Image.BILINEAR))
-    hm = np.clip(np.nan_to_num(hm), 0.0, 1.0)
-    alpha = (max_alpha * np.clip((hm - 0.2) / 0.8, 0.0, 1.0))[..., None]  # low scores leave anatomy untouched
-    out = rgb.astype(np.float32) * (1 - alpha) + _colormap(hm) * alpha
-    return np.clip(out, 0, 255).astype(np.uint8)
+    """The heat map in colour over the image, opaque up to ``max_alpha`` where the model looked hardest."""
+    img = Image.fromarray(np.ascontiguousarray(np.asarray(rgb)[..., :3]))
+    return np.asarray(heatmap_over(img, heat, max_alpha))
+
+
+def heatmap_over(img: Image.Image, heat: np.ndarray, max_alpha: float = 0.5) -> Image.Image:
+    """``blend_heatmap`` on a PIL RGB image.
+
+    The map is quantised to 256 levels at its own (small) resolution and scaled, coloured and blended
+    by PIL in 8-bit: a few grey levels from float arithmetic at most, and a tenth of the time on a
+    full-size radiograph, where float32 colour planes cost a third of a second.
+    """
+    hm = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
+    level = Image.fromarray(np.round(hm * 255.0).astype(np.uint8), mode="L")
+    if level.size != img.size:
+        level = level.resize(img.size, Image.BILINEAR)
+    colour = Image.merge("RGB", [level.point(lut) for lut in _HEAT_LUTS])
+    alpha = level.point(_alpha_lut(max_alpha))  # low scores leave anatomy untouched
+    return Image.composite(colour, img, alpha)
+
+
+def _alpha_lut(max_alpha: float) -> list[int]:
+    v = np.arange(256) / 255.0
+    return np.round(255.0 * max_alpha * np.clip((v - 0.2) / 0.8, 0.0, 1.0)).astype(int).tolist()
+
+
+_HEAT_LUTS = [np.round(_colormap(np.arange(256) / 255.0)[:, c]).astype(int).tolist() for c in range(3)]
 
 
 def combined_heatmap(heats: list[np.ndarray]) -> np.ndarray | None:
@@ -280,6 +325,9 @@ def _wrap(text: str, f: TextFont, width: int, d: ImageDraw.ImageDraw) -> list[st
     """Greedy wrap on spaces; a run with no spaces (Chinese) breaks between characters."""
     out: list[str] = []
     for para in text.split("\n"):
+        if f.length(d, para) <= width:  # most panel lines fit: one measurement instead of one per word
+            out.append(para)
+            continue
         line = ""
         for word in para.split(" "):
             trial = f"{line} {word}" if line else word
@@ -334,24 +382,31 @@ def upscale_factor(rows: int, cols: int) -> int:
 
 
 def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[Overlay], panel: Panel) -> np.ndarray:
-    """Key image (upscaled if small) with heat maps, masks and outlines, then the panel underneath."""
-    base = grey_or_rgb if grey_or_rgb.ndim == 3 else np.repeat(grey_or_rgb[..., None], 3, axis=-1)
-    s = upscale_factor(*base.shape[:2])
-    img = Image.fromarray(base)
+    """Key image (upscaled if small) with heat maps, masks and outlines, then the panel underneath.
+
+    Kept in PIL from the grey image to the last outline: every numpy round trip of a full-size RGB
+    radiograph is another 11 MB copy.
+    """
+    img = Image.fromarray(np.ascontiguousarray(grey_or_rgb))
+    s = upscale_factor(*grey_or_rgb.shape[:2])
     if s > 1:
-        img = img.resize((base.shape[1] * s, base.shape[0] * s), Image.BICUBIC)
-    rgb = np.asarray(img)
+        img = img.resize((img.width * s, img.height * s), Image.BICUBIC)
+    img = img.convert("RGB")
     heat = combined_heatmap([ov.array for ov in overlays if ov.kind == "heatmap"])
     if heat is not None:
-        rgb = blend_heatmap(rgb, heat)
-    for ov in overlays:
-        if ov.kind == "mask":
-            rgb = blend_mask(rgb, ov.array)
-    img = Image.fromarray(rgb)
+        img = heatmap_over(img, heat)
+    masks = [ov.array for ov in overlays if ov.kind == "mask"]
+    if masks:
+        rgb = np.asarray(img)
+        for m in masks:
+            rgb = blend_mask(rgb, m)
+        img = Image.fromarray(rgb)
     draw_regions(img, regions, float(s), panel.language)
-    top = np.asarray(img)
-    bottom = render_panel(top.shape[1], panel)
-    return np.ascontiguousarray(np.vstack([top, bottom]))
+    bottom = render_panel(img.width, panel)
+    out = np.empty((img.height + bottom.shape[0], img.width, 3), np.uint8)
+    out[: img.height] = np.asarray(img)
+    out[img.height:] = bottom
+    return out
 
 
 def caption_strip(rgb: np.ndarray, panel: Panel) -> np.ndarray:

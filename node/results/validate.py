@@ -1,4 +1,4 @@
-"""Run the external validators (dciodvfy, dsrdump, PixelMed DicomSRValidator) and write only what passes.
+"""Run the external validators (dciodvfy, dsrdump, PixelMed DicomSRValidator); ``writer`` writes what passes.
 
 They run as parallel subprocesses: PixelMed's JVM start dominates (several seconds), so the three
 validators of one object, and the objects of one result, overlap instead of queueing.
@@ -25,7 +25,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SR_MODALITIES = {"SR", "KO"}
 TIMEOUT_S = 120
+#: Validator threads per pool: each mostly waits on a subprocess (or on the PixelMed server).
+MAX_WORKERS = 8
 JAVA_OPTS = "-Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathExprGrpLimit=0 -Djdk.xml.xpathTotalOpLimit=0"
 PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 DSRDUMP = "/usr/bin/dsrdump"  # full path: pynetdicom's console scripts do not shadow this one, but be explicit
@@ -276,12 +279,20 @@ def prune_repeats(ds: Dataset, keep: int = 2) -> int:
 def _pixelmed(path: Path) -> list[str]:
     try:
         ds = pydicom.dcmread(path)
-        dropped = prune_repeats(ds)
-        shape = template_shape(ds)
+        full_shape = template_shape(ds)
     except Exception:  # unreadable: let the validator say why
-        ds, dropped, shape = None, 0, ""
+        ds, full_shape = None, ""
+    with _shapes_lock:
+        if full_shape and full_shape in _passed_shapes:
+            return []  # (pruning is a function of the shape: this tree prunes to one that passed)
+    try:
+        dropped = prune_repeats(ds) if ds is not None else 0
+        shape = template_shape(ds) if dropped else full_shape
+    except Exception:
+        dropped, shape = 0, ""
     with _shapes_lock:
         if shape and shape in _passed_shapes:
+            _passed_shapes.add(full_shape)
             return []
     if ds is not None and dropped:
         with tempfile.TemporaryDirectory(prefix="ainode-pixelmed-") as tmp:
@@ -292,7 +303,7 @@ def _pixelmed(path: Path) -> list[str]:
         problems = _pixelmed_run(path)
     if not problems and shape:
         with _shapes_lock:
-            _passed_shapes.add(shape)
+            _passed_shapes.update({shape, full_shape})
     return problems
 
 
@@ -334,6 +345,33 @@ def encode_part10(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def checks_for(is_sr: bool, pixelmed: bool = True) -> list[Callable[[Path], list[str]]]:
+    """The validators one object needs; PixelMed first, its JVM being the long pole when it has to run."""
+    return ([_pixelmed] if is_sr and pixelmed else []) + ([_dsrdump] if is_sr else []) + [_dciodvfy]
+
+
+def pixelmed_passed(ds: Dataset) -> bool:
+    """Whether PixelMed already passed this object's content-tree shape in this process.
+
+    Computed on the dataset itself, before it is written: its Part 10 encoding has the same shape,
+    and parsing a chest X-ray's 46 kB SR back costs six times as much, on the worker's critical path.
+    """
+    shape = template_shape(ds)
+    with _shapes_lock:
+        return shape in _passed_shapes
+
+
+def problems_of(futures: list[Future[list[str]]]) -> list[str]:
+    """One object's problems from its validators' futures; a validator that timed out is a problem too."""
+    problems: list[str] = []
+    for f in futures:
+        try:
+            problems.extend(f.result())
+        except subprocess.TimeoutExpired as exc:
+            problems.append(f"validator timed out: {exc.cmd}")
+    return problems
+
+
 def validate_many(objs: list[Path | Dataset | bytes]) -> list[list[str]]:
     """Validate several objects at once (datasets, files or Part 10 bytes), sharing one process pool."""
     with tempfile.TemporaryDirectory(prefix="ainode-validate-") as tmp:
@@ -345,60 +383,9 @@ def validate_many(objs: list[Path | Dataset | bytes]) -> list[list[str]]:
                 path.write_bytes(data)
             else:
                 path = Path(obj)
-            jobs.append((path, _is_sr(pydicom.dcmread(path, stop_before_pixels=True))))
-        workers = max(2, min(8, sum(3 if sr else 1 for _, sr in jobs)))
+            header = obj if isinstance(obj, Dataset) else pydicom.dcmread(path, stop_before_pixels=True)
+            jobs.append((path, _is_sr(header)))
+        workers = max(2, min(MAX_WORKERS, sum(len(checks_for(sr)) for _, sr in jobs)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            # PixelMed first: its JVM start is the long pole, the others finish while it warms up.
-            futures = [[pool.submit(c, p) for c in (([_pixelmed, _dsrdump] if sr else []) + [_dciodvfy])]
-                       for p, sr in jobs]
-            results: list[list[str]] = []
-            for fs in futures:
-                problems: list[str] = []
-                for f in fs:
-                    try:
-                        problems.extend(f.result())
-                    except subprocess.TimeoutExpired as exc:
-                        problems.append(f"validator timed out: {exc.cmd}")
-                results.append(problems)
-    return results
-
-
-def _describe(ds: Dataset) -> str:
-    return f"{ds.get('Modality', '?')} {ds.get('SOPInstanceUID', '?')} ({ds.get('SeriesDescription', '')})"
-
-
-def write_validated(datasets: list[Dataset], directory: Path) -> list[Path]:
-    """Validate every dataset, then write all as <SOPInstanceUID>.dcm (tmp + fsync + rename).
-
-    All or nothing: a result is delivered as a set (the KOS points at the SR and SC), so if any object
-    fails, nothing is written and ValidationFailed carries the validators' lines.
-    """
-    directory = Path(directory)
-    blobs = [encode_part10(ds) for ds in datasets]  # what is validated is byte for byte what is written
-    reports = validate_many(list(blobs))
-    failed = [(ds, probs) for ds, probs in zip(datasets, reports) if probs]
-    if failed:
-        lines = [f"{_describe(ds)}: {p}" for ds, probs in failed for p in probs]
-        raise ValidationFailed("result objects failed validation:\n" + "\n".join(lines), lines)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ds, blob in zip(datasets, blobs):
-        final = directory / f"{ds.SOPInstanceUID}.dcm"
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, final)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        written.append(final)
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)  # make the renames durable too
-    finally:
-        os.close(dfd)
-    log.info("wrote %d validated result objects to %s", len(written), directory)
-    return written
+            futures = [[pool.submit(c, p) for c in checks_for(sr)] for p, sr in jobs]
+            return [problems_of(fs) for fs in futures]
