@@ -394,3 +394,27 @@ def test_api_key_from_environment(model_dir, chat_server, monkeypatch):
     opts = _llm_opts(model_dir, chat_server, api_key="", api_key_env="AINODE_TEST_LLM_KEY")
     CXRPipeline({}).run(load_study([get_testdata_file(RG1)], options=opts))
     assert chat_server.requests[0]["auth"] == "Bearer from-env"
+
+
+def test_hot_polygon_is_the_hull_of_every_pixel_of_the_hot_area():
+    """Built from each row's end pixels; must be the convex hull of all the area's pixel corners."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull
+
+    from pipelines.cxr.cam import hot_polygon, upsample
+    from pipelines.cxr.preprocess import Geometry
+
+    geom = Geometry(rows=224, cols=224, x0=0, y0=0, side=224, size=224)  # identity: model pixels = source pixels
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        cam = upsample(rng.normal(size=(7, 7)).astype(np.float32), 224)
+        lab, n = ndimage.label(cam >= 0.5)
+        sizes = ndimage.sum(cam >= 0.5, lab, index=range(1, n + 1))
+        ys, xs = np.nonzero(lab == int(np.argmax(sizes)) + 1)
+        corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)])
+        expected = {tuple(np.clip(p, 0, 223)) for p in corners[ConvexHull(corners).vertices]}
+        poly = hot_polygon(cam, geom)
+        assert poly[0] == poly[-1] and set(poly[:-1]) == expected
+    single = np.zeros((224, 224), np.float32)
+    single[100, 50] = 1.0  # one hot pixel: still an area
+    assert len(hot_polygon(single, geom)) == 5

@@ -45,7 +45,13 @@ def hot_polygon(cam_unit: np.ndarray, geom: Geometry, level: float = 0.5) -> lis
     if n == 0:
         return []
     sizes = ndimage.sum(mask, lab, index=range(1, n + 1))
-    ys, xs = np.nonzero(lab == int(np.argmax(sizes)) + 1)
+    region = lab == int(np.argmax(sizes)) + 1
+    # Only each row's first and last pixel can be on the hull: the same hull from ~900 points instead of
+    # up to 200 000 (15 ms -> 2 ms a label, which adds up when a study calls all eighteen).
+    rows = np.nonzero(region.any(axis=1))[0]
+    first = region[rows].argmax(axis=1)
+    last = region.shape[1] - 1 - region[rows, ::-1].argmax(axis=1)
+    ys, xs = np.concatenate([rows, rows]), np.concatenate([first, last])
     # Pixel corners, not centres, so a one-pixel blob still has an area.
     pts = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)]).astype(float)
     try:
