@@ -25,12 +25,13 @@ from pydicom.data import get_testdata_file
 
 pytest.importorskip("torch")
 
+from support.cxr_models import imported_model  # noqa: E402
+
 from node.loader import load_study  # noqa: E402
 from pipelines.base import PipelineResult, Refused  # noqa: E402
 from pipelines.cxr import CXRPipeline  # noqa: E402
 from pipelines.cxr.preprocess import lung_contrast  # noqa: E402
 from pipelines.models import UNVERIFIED_BANNER, clear_cache, sha256_file  # noqa: E402
-from tests.support.cxr_models import imported_model  # noqa: E402
 
 RG1 = "RG1_UNCR.dcm"
 PRESENT, POSSIBLE = "Pneumothorax", "Effusion"

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import yaml
+from support.cxr_models import imported_model
 from support.dicomgen import copy_with_new_uids, sample_file
 from support.node import base_config, storescu, wait_for
 from support.orthanc import Orthanc, free_port
 from support.results import COMPREHENSIVE_SR, ENHANCED_SR, KOS, SECONDARY_CAPTURE, pacs_objects, walk
 
 from node.results import validate
-from tests.support.cxr_models import imported_model
 
 
 def test_cr_through_the_node_with_a_random_weight_model(node_factory, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
+from support.mllp import MLLPListener
 
 from node.notify import (
     REVIEW_NOTE,
@@ -29,7 +30,6 @@ from node.notify import (
 )
 from node.state import State
 from pipelines.base import Code, Evaluation, Finding, ImageRef, ModelIdentity, PipelineResult
-from tests.support.mllp import MLLPListener
 
 ICH = Code("1386000", "SCT", "Intracranial hemorrhage")
 SECRET = "s3cret-for-tests"

@@ -13,14 +13,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from node import weights as W  # noqa: E402
-from pipelines.models import load_manifest, load_model, sha256_file  # noqa: E402
-from tests.support.cxr_models import (  # noqa: E402
+from support.cxr_models import (  # noqa: E402
     _rg1_tensor,
     imported_model,
     random_densenet,
     save_chexnet_checkpoint,
 )
+
+from node import weights as W  # noqa: E402
+from pipelines.models import load_manifest, load_model, sha256_file  # noqa: E402
 
 
 @pytest.mark.parametrize("fmt,labels,channels,norm", [
