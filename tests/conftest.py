@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests.support withou
 
 from support.node import NodeProcess, base_config, free_port  # noqa: E402
 
+# What PixelMed passed is remembered on disk across processes and runs (node.results.validate); a test run
+# starts from nothing, so every shape it relies on is really checked by PixelMed in this run. Node processes
+# the tests start inherit the folder, as a node's workers share theirs.
+_PIXELMED_CACHE = tempfile.mkdtemp(prefix="ainode-test-pixelmed-")
+os.environ["AINODE_PIXELMED_CACHE"] = _PIXELMED_CACHE
+
 REQUIRED_TOOLS = ["/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu", "/usr/bin/dsrdump", "dciodvfy",
                   "/usr/bin/dcmcjpls", "/usr/bin/dcmcrle", "Orthanc", "java"]
 
@@ -23,6 +31,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
         raise pytest.UsageError(f"required tools missing: {missing}; run ./scripts/test, which installs them")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_PIXELMED_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
