@@ -124,15 +124,18 @@ def cxr_latency(args: argparse.Namespace) -> None:
         cfg["routes"] = [{"name": "cr", "match": {"Modality": "CR"}, "pipelines": ["cxr"], "destinations": ["pacs"],
                           "complete_on": "release",
                           "options": {"model": str(model), "allow_unverified_models": True}}]
-        node = NodeProcess(tmp, cfg).start()
+        # a fresh PixelMed cache, so that the warm-up run shows what the first report of its kind costs
+        node = NodeProcess(tmp, cfg, env={"AINODE_PIXELMED_CACHE": str(tmp / "pixelmed-cache")}).start()
         times = []
         per_study = 0
+        cold = 0.0
         try:
             for i in range(args.runs + 1):  # the first run loads the model into the worker and is dropped
                 cr = copy_with_new_uids(sample_file("RG1_UNCR.dcm"), tmp / f"cr{i}.dcm")
                 uid = str(__import__("pydicom").dcmread(cr, stop_before_pixels=True).StudyInstanceUID)
                 before = len(scp.files())
                 t_end = send(port, [cr])
+                wall_end = time.time()
                 if i:  # the clock stops when the last object is in the PACS folder (polled every 10 ms)
                     times.append(wait_files(scp, before + per_study) - t_end)
                 # then, off the clock (`ainode status` is a Python process start: polling it while the clock
@@ -141,11 +144,14 @@ def cxr_latency(args: argparse.Namespace) -> None:
                 n = len(scp.files()) - before
                 if i and n != per_study:
                     raise RuntimeError(f"run {i}: {n} result objects at the PACS, the warm-up run had {per_study}")
+                if not i:  # arrival times from the files themselves (the warm-up is polled slowly)
+                    cold = max(p.stat().st_mtime for p in scp.files()) - wall_end
                 per_study = n
             what = "one finding present" if args.one_finding else "all 18 labels present"
             runs = " ".join(f"{t:.2f}" for t in times)
             print(f"CR through cxr (DenseNet-121, CPU, {what}, {per_study} result objects): median "
                   f"{statistics.median(times):.2f} s  runs {runs}   target <= 1.0 s")
+            print(f"  warm-up run (model load, and PixelMed validating the first report of this kind): {cold:.2f} s")
         finally:
             node.stop()
             scp.stop()
