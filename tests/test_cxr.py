@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch  # noqa: F401  (a test extra: missing, the session must fail, not skip)
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
-
-pytest.importorskip("torch")
-
 from support.cxr_models import imported_model  # noqa: E402
 
 from node.loader import load_study  # noqa: E402
