@@ -141,6 +141,11 @@ class _Discard:
 
 
 # ---------------------------------------------------------------------------------------------- DIMSE commands
+def _answerable(command_field: int) -> bool:
+    """A response (high bit set) or a C-CANCEL gets no answer of its own (PS3.7 9.3.2.3)."""
+    return not command_field & 0x8000 and command_field != C_CANCEL_RQ
+
+
 def decode_command(data: bytes) -> dict[int, int | str]:
     """Command sets are always implicit VR little endian (PS3.7 6.3.1)."""
     out: dict[int, int | str] = {}
@@ -415,7 +420,7 @@ class _Connection:
                     request = pending[0]
                     pending = None  # from here on the sink owns the outcome; never discard it
                     status, comment = sink.finish()
-                    if int(request.get(TAG_COMMAND_FIELD, 0)) != C_CANCEL_RQ:
+                    if _answerable(int(request.get(TAG_COMMAND_FIELD, 0))):
                         self._respond(request, context_id, status, comment)
         return pending
 
@@ -434,7 +439,7 @@ class _Connection:
         if field_ == C_ECHO_RQ and not has_dataset:
             self._respond(cmd, context_id, 0x0000)
             return None
-        if field_ & 0x8000 or field_ == C_CANCEL_RQ:  # a response or a cancel: nothing to answer
+        if not _answerable(field_):
             return (cmd, context_id, _Discard()) if has_dataset else None
         log.warning("%s@%s sent DIMSE command 0x%04X, which this node does not serve", self.assoc.calling_ae,
                     self.assoc.host, field_)

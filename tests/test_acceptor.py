@@ -256,3 +256,45 @@ def test_parallel_associations_racing_on_the_same_instances_store_each_once(node
     assert {p.stem for p in stored} == set(sent)
     assert all(pydicom.dcmread(p).PixelData == sent[p.stem] for p in stored)
     assert node.study(study)["instances"] == 90, "each instance indexed once"
+
+
+def test_a_stray_response_with_a_data_set_is_drained_not_answered(node: NodeProcess) -> None:
+    peer = RawPeer(node.port)
+    peer.command(1, CommandField=0x8001, MessageIDBeingRespondedTo=5, CommandDataSetType=0x0000, Status=0,
+                 AffectedSOPClassUID=CTImageStorage)  # a C-STORE-RSP, as if we had asked for something
+    peer.pdata(1, 0x02, b"\x08\x00\x60\x00CS\x02\x00CT")
+    peer.command(3, CommandField=0x0030, MessageID=9, CommandDataSetType=0x0101, AffectedSOPClassUID=Verification)
+    rsp = peer.response()  # the first thing back answers the echo: nothing answered the stray response
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8030, 9, 0x0000)
+    peer.release()
+    peer.close()
+
+
+@pytest.mark.parametrize("sop_uid", ["../../etc/passwd", "1.2.03", "1." + "9" * 70])
+def test_hostile_sop_instance_uid_in_the_request_is_refused_and_drained(node: NodeProcess, tmp_path: Path,
+                                                                        sop_uid: str) -> None:
+    (f,) = ct_series(tmp_path, 1, size=64)
+    ds = pydicom.dcmread(f)
+    ds.SOPInstanceUID = sop_uid
+    body = encode(ds, False, True)
+    before = spool_files(node)
+    peer = RawPeer(node.port)
+    peer.command(1, CommandField=0x0001, MessageID=3, Priority=0, CommandDataSetType=0x0000,
+                 AffectedSOPClassUID=CTImageStorage, AffectedSOPInstanceUID=sop_uid)
+    for i in range(0, len(body), 16000):
+        peer.pdata(1, 0x02 if i + 16000 >= len(body) else 0x00, body[i:i + 16000])
+    rsp = peer.response()
+    assert (rsp.Status, rsp.ErrorComment) == (0xC000, "invalid SOPInstanceUID")
+    peer.command(3, CommandField=0x0030, MessageID=4, CommandDataSetType=0x0101, AffectedSOPClassUID=Verification)
+    assert peer.response().Status == 0x0000, "the association carries on"
+    peer.release()
+    peer.close()
+    assert spool_files(node) == before
+
+
+def test_a_malformed_command_set_aborts_the_association(node: NodeProcess) -> None:
+    peer = RawPeer(node.port)
+    peer.pdata(1, 0x03, struct.pack("<HHI", 0x0000, 0x0100, 2) + b"\x01\x00" + struct.pack("<HHI", 0, 0x0110, 400))
+    assert peer.read_pdu()[0] == ABORT
+    peer.close()
+    wait_for(lambda: "command element runs past the command set" in node.log_text(), 5)
