@@ -34,7 +34,7 @@ class _Unreadable(Exception):
     pass
 
 
-def _element(buf: bytes, off: int, explicit: bool) -> tuple[int, int, int, bool]:
+def _element(buf: bytes | bytearray, off: int, explicit: bool) -> tuple[int, int, int, bool]:
     """(tag, value offset, value length, value is implicit VR) of the element at ``off``."""
     if explicit:
         group, elem, vr, short = _EXPLICIT.unpack_from(buf, off)
@@ -49,7 +49,7 @@ def _element(buf: bytes, off: int, explicit: bool) -> tuple[int, int, int, bool]
     return (group << 16) | elem, off + 8, length, True
 
 
-def _skip_sequence(buf: bytes, off: int, explicit: bool, depth: int) -> int:
+def _skip_sequence(buf: bytes | bytearray, off: int, explicit: bool, depth: int) -> int:
     if depth > 16:
         raise _Unreadable("sequences nested too deep")
     while True:
@@ -70,14 +70,14 @@ def _skip_sequence(buf: bytes, off: int, explicit: bool, depth: int) -> int:
             off = _skip(buf, off, explicit, depth + 1)
 
 
-def _skip(buf: bytes, off: int, explicit: bool, depth: int) -> int:
+def _skip(buf: bytes | bytearray, off: int, explicit: bool, depth: int) -> int:
     _, value, length, implicit_inside = _element(buf, off, explicit)
     if length == UNDEFINED:
         return _skip_sequence(buf, value, explicit and not implicit_inside, depth)
     return value + length
 
 
-def quick_header(dataset_head: bytes, transfer_syntax: str, complete: bool) -> dict[str, str] | None:
+def quick_header(dataset_head: bytes | bytearray, transfer_syntax: str, complete: bool) -> dict[str, str] | None:
     """The WANTED attributes as stripped strings (absent ones left out), or None: use pydicom.
 
     ``complete`` says whether ``dataset_head`` is the whole data set or only its first bytes."""

@@ -239,10 +239,11 @@ class StorageSCP:
         return InstanceSink(self, assoc, request)
 
     @staticmethod
-    def _parse(calling: str, request: StoreRequest, incoming: IncomingFile, head: bytes,
-               complete: bool) -> dict[str, str] | tuple[int, str]:
-        """The hot-path attributes, checked: what to store the instance under, or (status, comment) to
-        refuse it with. pydicom reads the file only when the quick reader cannot."""
+    def _parse(calling: str, request: StoreRequest, incoming: IncomingFile, head: bytes | bytearray,
+               complete: bool) -> tuple[dict[str, str], Dataset | None] | tuple[int, str]:
+        """The hot-path attributes, checked, with the Dataset when pydicom had to read the file: what to
+        store the instance under, or (status, comment) to refuse it with."""
+        ds = None
         attrs = quick_header(head, request.transfer_syntax, complete)
         if attrs is None or not all(attrs.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID",
                                                             "SOPInstanceUID")):
@@ -260,23 +261,24 @@ class StorageSCP:
         if attrs.get("SOPInstanceUID", "") != request.sop_instance_uid:
             log.warning("C-STORE from %s: SOPInstanceUID in dataset differs from the request", calling)
             return DATASET_MISMATCH, "SOPInstanceUID differs from request"
-        return attrs
+        return attrs, ds
 
-    def _series_tags(self, path: Path, modality: str) -> dict[str, Any]:
+    def _series_tags(self, path: Path, ds: Dataset | None, modality: str) -> dict[str, Any]:
         try:
-            return series_tags(pydicom.dcmread(path, stop_before_pixels=True), self.route_keywords)
+            return series_tags(ds or pydicom.dcmread(path, stop_before_pixels=True), self.route_keywords)
         except Exception:  # an odd element must not lose an instance that is already on disk
             return {"Modality": modality}
 
-    def store_received(self, assoc: Association, request: StoreRequest, incoming: IncomingFile, head: bytes,
-                       complete: bool) -> tuple[int, str]:
+    def store_received(self, assoc: Association, request: StoreRequest, incoming: IncomingFile,
+                       head: bytes | bytearray, complete: bool) -> tuple[int, str]:
         """The whole data set is in ``incoming``: check it, make it durable, index it; only then succeed."""
         calling = assoc.calling_ae
         sop_uid = request.sop_instance_uid
-        attrs = self._parse(calling, request, incoming, head, complete)
-        if isinstance(attrs, tuple):
+        parsed = self._parse(calling, request, incoming, head, complete)
+        if isinstance(parsed[0], int):
             incoming.abandon()
-            return attrs
+            return parsed  # type: ignore[return-value]
+        attrs, ds = parsed
         study_uid, series_uid = attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"]
         modality = attrs.get("Modality", "")
         try:
@@ -294,7 +296,7 @@ class StorageSCP:
                 new_series = True
             if assoc.id in self._assoc_studies:
                 self._assoc_studies[assoc.id].add(study_uid)
-        tags = self._series_tags(stored.path, modality) if new_series else {}
+        tags = self._series_tags(stored.path, ds, modality) if new_series else {}
         try:
             expected = expected_count(attrs)
         except Exception:
@@ -359,8 +361,7 @@ class InstanceSink:
             return self.failure or (PROCESSING_FAILURE, "instance not stored")
         file, self.file = self.file, None
         try:
-            return self.scp.store_received(self.assoc, self.request, file, bytes(self.head),
-                                           self.received <= HEAD_BYTES)
+            return self.scp.store_received(self.assoc, self.request, file, self.head, self.received <= HEAD_BYTES)
         except Exception:
             log.exception("C-STORE from %s: instance not stored", self.assoc.calling_ae)
             file.abandon()
