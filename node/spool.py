@@ -108,11 +108,9 @@ class IncomingFile:
     def write(self, data: bytes | memoryview) -> None:
         assert self.fd is not None
         view = memoryview(data)
-        start = self.size
-        if start < 128:  # the preamble is certified separately
-            self._crc = zlib.crc32(view[128 - start:], self._crc) if len(view) > 128 - start else self._crc
-        else:
-            self._crc = zlib.crc32(view, self._crc)
+        skip = max(0, 128 - self.size)  # the preamble holds the certificate, so the CRC starts after it
+        if len(view) > skip:
+            self._crc = zlib.crc32(view[skip:], self._crc)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
