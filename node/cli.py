@@ -153,18 +153,30 @@ def _parse_peer(text: str) -> tuple[str, str, int]:
         raise SystemExit(f"peer {text!r} must look like AE@HOST:PORT, e.g. PACS@10.0.0.5:104") from None
 
 
+def _why_not(assoc) -> str:
+    """IT staff read this line to decide what to fix: the AE titles, or the network."""
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        return f"association rejected: {rj.reason_str} ({rj.result_str}, source: {rj.source_str})"
+    if assoc.is_aborted:
+        return "association aborted by the peer"
+    return "could not connect"
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
+
+    from node import scu
 
     cfg = _load(args, semantics=False)
     ae_title, host, port = _parse_peer(args.peer)
     ae = AE(ae_title=cfg.node.ae_title)
     ae.add_requested_context(Verification)
     t0 = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    assoc = scu.associate(ae, host, port, ae_title=ae_title)
     if not assoc.is_established:
-        print(f"echo {ae_title}@{host}:{port}: association {'rejected' if assoc.is_rejected else 'failed'}")
+        print(f"echo {ae_title}@{host}:{port}: {_why_not(assoc)}")
         return 1
     status = assoc.send_c_echo()
     assoc.release()
@@ -184,6 +196,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     import pydicom
     from pynetdicom import AE
 
+    from node import scu
+
     cfg = _load(args, semantics=False)
     ae_title, host, port = _parse_peer(args.to)
     datasets = []
@@ -195,9 +209,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     ae = AE(ae_title=cfg.node.ae_title)
     for sop, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for _, d in datasets}):
         ae.add_requested_context(sop, [ts])
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    assoc = scu.associate(ae, host, port, ae_title=ae_title)
     if not assoc.is_established:
-        print(f"send: association with {ae_title}@{host}:{port} failed")
+        print(f"send: association with {ae_title}@{host}:{port} failed: {_why_not(assoc)}")
         return 1
     failed = 0
     for f, d in datasets:

@@ -49,6 +49,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
+from node import scu
 from node.config import DestinationConfig, TLSConfig
 from node.state import State
 
@@ -185,18 +186,6 @@ def _all(items: Iterable[Item], outcome: Outcome) -> dict[int, Outcome]:
 
 
 # --------------------------------------------------------------------------------------------- DIMSE
-def _set_nodelay(event: evt.Event) -> None:
-    """Nagle's algorithm delays each small PDU (command sets, P-DATA tails) by up to 40 ms on loopback;
-    pynetdicom never disables it.  EVT_CONN_OPEN fires after connect() and before the A-ASSOCIATE-RQ."""
-    event.assoc.ainode_connected = True  # lets association_failure tell "refused" from "aborted"
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:  # never fail an association over a socket option
-        log.debug("could not set TCP_NODELAY: %s", exc)
-
-
 def tls_context(tls: TLSConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
@@ -286,9 +275,8 @@ class DimseSender:
     def associate(self, dest: DestinationConfig, contexts: list[PresentationContext],
                   handlers: list[Any] | None = None) -> Association:
         tls_args = (tls_context(dest.tls), dest.host) if dest.tls else None
-        return self._ae().associate(dest.host, int(dest.port or 104), contexts=contexts, ae_title=dest.ae_title or "",
-                                    tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay),
-                                                                     *(handlers or [])])
+        return scu.associate(self._ae(), dest.host, int(dest.port or 104), contexts=contexts,
+                             ae_title=dest.ae_title or "", tls_args=tls_args, handlers=handlers or ())
 
     def send(self, dest: DestinationConfig, items: Sequence[Item], record: Record | None = None) -> dict[int, Outcome]:
         contexts, fitting = propose_contexts(items)
@@ -803,7 +791,7 @@ class DeliveryService:
         ae.add_supported_context("1.2.840.10008.1.1")
         self._commit_server = ae.start_server(("0.0.0.0", self.commitment_port), block=False,
                                               evt_handlers=[(evt.EVT_N_EVENT_REPORT, self.handle_n_event_report),
-                                                            (evt.EVT_CONN_OPEN, _set_nodelay)])
+                                                            (evt.EVT_CONN_OPEN, scu.set_nodelay)])
 
     # ------------------------------------------------------------------ thread
     def start(self) -> None:

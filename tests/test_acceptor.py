@@ -34,6 +34,7 @@ from support.dicomgen import ct_series
 from support.node import STORESCU, NodeProcess, base_config, free_port, storescu, wait_for
 from support.node import spool_files as support_spool_files
 
+from node import scu
 from node.acceptor import IMPLEMENTATION_UID
 
 ABORT = 0x07
@@ -207,7 +208,7 @@ def test_association_limit_rejects_transiently_and_recovers(node_factory, tmp_pa
     ae.add_requested_context(Verification)
     first = ae.associate("127.0.0.1", n.port, ae_title="AINODE")
     assert first.is_established
-    second = ae.associate("127.0.0.1", n.port, ae_title="AINODE")
+    second = scu.associate(ae, "127.0.0.1", n.port, ae_title="AINODE")
     assert second.is_rejected
     rj = second.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)

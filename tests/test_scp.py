@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -16,11 +17,13 @@ from cryptography.x509.oid import NameOID
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from support.dicomgen import ct_series
 from support.node import ECHOSCU, NodeProcess, base_config, free_port, storescu, wait_for
 from support.node import spool_files as support_spool_files
+
+from node import scu
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +34,13 @@ def node(tmp_path_factory: pytest.TempPathFactory):
     n.stop()
 
 
-def associate(node: NodeProcess, calling: str = "MODALITY1", called: str = "AINODE", contexts=(CTImageStorage,)):
+def associate(node: NodeProcess, calling: str = "MODALITY1", called: str = "AINODE", contexts=(CTImageStorage,),
+              handlers=()):
     ae = AE(ae_title=calling)
     for cx in contexts:
         ae.add_requested_context(cx, ExplicitVRLittleEndian)
     ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", node.port, ae_title=called)
+    return scu.associate(ae, "127.0.0.1", node.port, ae_title=called, handlers=handlers)
 
 
 def spool_files(node: NodeProcess) -> list[Path]:
@@ -67,6 +71,19 @@ def test_wrong_called_ae_is_rejected_with_the_standard_reason(node: NodeProcess)
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
     wait_for(lambda: "called AE 'NOTUS' is not ours" in node.log_text(), 5)
+    r = subprocess.run([ECHOSCU, "-aet", "MODALITY1", "-aec", "NOTUS", "127.0.0.1", str(node.port)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Called AE Title Not Recognized" in r.stderr + r.stdout
+
+
+def test_a_rejection_is_reported_as_one_even_when_it_beats_the_requestor_thread(node: NodeProcess) -> None:
+    """pynetdicom marks an association aborted when the RJ arrives and the transport closes before its
+    requestor thread looks at the socket (one in six under load).  Holding that thread back makes the race
+    certain; node.scu must still report the rejection and its reason, as delivery and ``ainode echo`` rely on it."""
+    assoc = associate(node, calling="STRANGER", handlers=[(evt.EVT_REQUESTED, lambda event: time.sleep(0.5))])
+    assert assoc.is_rejected and not assoc.is_aborted and not assoc.is_established
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
 
 
 @pytest.mark.parametrize("bad_uid", ["1.2.03.4", "1.2..3", "../../etc/passwd", "1." + "2" * 70, ""])
