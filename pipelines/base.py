@@ -87,6 +87,12 @@ class Finding:
     regions: list[Region] = field(default_factory=list)
     key_images: list[ImageRef] = field(default_factory=list)
     note: str = ""
+    #: The finding's name per report language (``{"zh": "胸腔积液"}``), so a Chinese SC panel does not
+    #: show English names; ``label`` serves every language not listed.
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name(self, language: str = "en") -> str:
+        return self.names.get(language) or self.label or self.code.meaning
 
 
 @dataclass

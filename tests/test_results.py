@@ -514,6 +514,27 @@ def test_sc_banner_and_panel(scenarios: dict[str, Scenario], cr: Dataset) -> Non
     assert bright_pixels(quiet[quiet.shape[0] - 200:]) > 500
 
 
+def test_zh_sc_names_findings_in_chinese(cr: Dataset) -> None:
+    """A finding that carries its Chinese name shows it in the zh panel and next to its outline;
+    the English label stays the fallback for a language the pipeline did not name."""
+    from node.results.common import Context
+    from node.results.sc import _panel, _regions_on
+
+    r = cxr_result(cr)
+    r.findings[0].names = {"zh": "气胸"}
+    ctx = Context(language="zh", sr_class="", predecessors=[], institution="", manufacturer="", device_uid="1.2.3",
+                  series_number_base=900)
+    zh_lines = [text for text, _ in _panel(r, ctx).lines]
+    assert any(t.startswith("气胸:") for t in zh_lines)
+    assert not any(t.startswith("Pneumothorax") for t in zh_lines)
+    assert any(t.startswith("Pleural effusion:") for t in zh_lines)  # no zh name given: the label
+    labels = [d.label for d in _regions_on(r, ref_of(cr), "zh")]
+    assert labels[0] == "气胸" and labels[1] == "Pleural effusion"
+    ctx.language = "en"
+    assert any(t.startswith("Pneumothorax:") for t, _ in _panel(r, ctx).lines)
+    assert _regions_on(r, ref_of(cr), "en")[0].label == "PTX"  # the region's own label in the pipeline's words
+
+
 def test_sc_regions_and_heatmap_drawn(scenarios: dict[str, Scenario], cr: Dataset) -> None:
     sc = scenarios["cxr"].by_class(SC_CLASS)[0].pixel_array.astype(int)
     plain = encode(empty_result(), [cr], EncodeOptions())[2].pixel_array.astype(int)

@@ -76,7 +76,7 @@ def finding_lines(result: PipelineResult, language: str) -> list[str]:
         p = f" ({w['probability']} {f.probability:.2f})" if f.probability is not None else ""
         crit = f" — {w['critical']}" if f.critical and f.present else ""
         note = f" — {f.note}" if f.note else ""
-        lines.append(f"{f.label or f.code.meaning}: {state}{p}{crit}{note}")
+        lines.append(f"{f.name(language)}: {state}{p}{crit}{note}")
     for m in result.measurements:
         unit = m.unit.value if m.unit.value not in ("1", "[hnsf'U]") else ("HU" if m.unit.value == "[hnsf'U]" else "")
         where = f" [{m.group}]" if m.group else ""
@@ -97,7 +97,7 @@ def narrative_for(result: PipelineResult, language: str) -> Narrative:
 
 
 def critical_text(result: PipelineResult, language: str) -> str:
-    crit = [f"{f.label or f.code.meaning}" for f in result.findings if f.critical and f.present]
+    crit = [f.name(language) for f in result.findings if f.critical and f.present]
     crit += [f"{e.name.meaning}: {e.value.meaning}" for e in result.evaluations if e.critical]
     return (words(language)["critical"] + ": " + "; ".join(crit)) if crit else ""
 

@@ -69,9 +69,9 @@ def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
             colour = RED if f.critical else YELLOW
             p = f" ({f.probability:.2f})" if f.probability is not None else ""
             state = w["possible"] if f.certainty == "possible" else w["present"]
-            lines.append((f"{f.label or f.code.meaning}: {state}{p}", colour))
+            lines.append((f"{f.name(ctx.language)}: {state}{p}", colour))
     others = [ln for ln in finding_lines(result, ctx.language)
-              if not any(ln.startswith(f"{f.label or f.code.meaning}:") for f in result.findings if f.present)]
+              if not any(ln.startswith(f"{f.name(ctx.language)}:") for f in result.findings if f.present)]
     room = MAX_PANEL_LINES - len(lines)
     if len(others) > room:  # the SR has everything; the picture says the most important and where the rest is
         more = len(others) - (room - 1)
@@ -89,7 +89,7 @@ def _banner(result: PipelineResult, ctx: Context) -> str:
     return "CRITICAL FINDING" if ctx.language == "en" else f"CRITICAL FINDING / {words(ctx.language)['critical']}"
 
 
-def _regions_on(result: PipelineResult, key: ImageRef) -> list[DrawnRegion]:
+def _regions_on(result: PipelineResult, key: ImageRef, language: str = "en") -> list[DrawnRegion]:
     def same(r: ImageRef) -> bool:
         return _same_image(r, key)
 
@@ -99,7 +99,9 @@ def _regions_on(result: PipelineResult, key: ImageRef) -> list[DrawnRegion]:
             continue
         for r in f.regions:
             if same(r.image):
-                out.append(DrawnRegion(r, RED if f.critical else YELLOW, r.label or f.label))
+                # a region's own label is in the pipeline's words (English); the finding's name is in the panel's
+                label = f.names.get(language) or r.label or f.label
+                out.append(DrawnRegion(r, RED if f.critical else YELLOW, label))
     for m in result.measurements:
         if m.region is not None and same(m.region.image):
             out.append(DrawnRegion(m.region, CYAN, m.region.label or m.label))
@@ -170,7 +172,7 @@ def _image_sc(result: PipelineResult, sources: list[Source], ref: ImageRef, ctx:
     grey = display_values(full, ref.frame)
     overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask")
                 and ((o.source is None and is_key) or (o.source is not None and _same_image(o.source, ref)))]
-    pixels = compose(grey, _regions_on(result, ref), overlays, _panel(result, ctx))
+    pixels = compose(grey, _regions_on(result, ref, ctx.language), overlays, _panel(result, ctx))
     sc = _base_sc(pixels, src.header, result, ctx, series_uid, number)
     sc.SourceImageSequence = _source_image_sequence(ref)
     sc.DerivationDescription = (

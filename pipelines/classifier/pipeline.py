@@ -193,7 +193,8 @@ class ClassifierPipeline(Pipeline):
             note = (f"{spec.aggregation.method} over {len(slots)} slices; top slices "
                     + ", ".join(f"{scored[si].slice_number(i)} ({scored[si].probs[i, j]:.2f})" for si, i in top))
             findings.append(Finding(code=spec.code(label), label=display, present=present, probability=p,
-                                    certainty=certainty, critical=critical, key_images=key, note=note))
+                                    certainty=certainty, critical=critical, key_images=key, note=note,
+                                    names={"zh": spec.display(label, "zh")}))
             if certainty != "absent" or label == primary:
                 reported.append(j)
                 for si, i in top:

@@ -165,7 +165,8 @@ class CXRPipeline(Pipeline):
                     array=cammod.heatmap_on_source(cam_unit, im.prepared.geometry), source=im.ref,
                     caption=f"{tpl._cap(concept.en)}: model probability {p:.2f} ({b}); class activation map"))
             result.findings.append(Finding(
-                code=concept.code, label=tpl._cap(concept.en), present=b == "present", probability=p, certainty=b,
+                code=concept.code, label=tpl._cap(concept.en), names={"zh": concept.zh},
+                present=b == "present", probability=p, certainty=b,
                 critical=critical, site=concept.site, regions=regions, key_images=[images[k].ref],
                 note=f"model label {label!r}; thresholds possible {m.threshold(label).possible:g}, "
                      f"present {m.threshold(label).present:g}"))
