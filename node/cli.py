@@ -12,9 +12,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 log = logging.getLogger("ainode")
 
@@ -153,11 +156,14 @@ def _parse_peer(text: str) -> tuple[str, str, int]:
         raise SystemExit(f"peer {text!r} must look like AE@HOST:PORT, e.g. PACS@10.0.0.5:104") from None
 
 
-def _why_not(assoc) -> str:
+def _why_not(assoc: Association) -> str:
     """IT staff read this line to decide what to fix: the AE titles, or the network."""
+    from node import scu
+
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
-        return f"association rejected: {rj.reason_str} ({rj.result_str}, source: {rj.source_str})"
+        how = "permanently" if rj.result == 0x01 else "transiently"
+        return f"association rejected {how}: {scu.rejection_reason(rj)}"
     if assoc.is_aborted:
         return "association aborted by the peer"
     return "could not connect"

@@ -227,9 +227,8 @@ def association_failure(assoc: Association, dest: DestinationConfig) -> Outcome:
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
-        result = getattr(rsp, "result", None)
-        reason = f"{getattr(rsp, 'reason_str', '?')} (source: {getattr(rsp, 'source_str', '?')})"
-        if result == 0x01:
+        reason = scu.rejection_reason(rsp)
+        if rsp.result == 0x01:
             return Outcome("permanent", f"association rejected permanently by {where}: {reason}")
         return Outcome("transient", f"association rejected transiently by {where}: {reason}")
     if assoc.rejected_contexts and not assoc.accepted_contexts:

@@ -21,6 +21,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ def _on_pdu(event: evt.Event) -> None:
     pdu = event.pdu
     if isinstance(pdu, A_ASSOCIATE_RJ):
         event.assoc.ainode_rejection = pdu.to_primitive()
+
+
+def rejection_reason(rj: A_ASSOCIATE) -> str:
+    """The peer's reason in PS3.8's words, as operators see it in status and on the command line."""
+    return f"{rj.reason_str} (source: {rj.source_str})"
 
 
 def associate(ae: AE, host: str, port: int, *, ae_title: str, contexts: list[PresentationContext] | None = None,
