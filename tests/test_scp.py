@@ -51,7 +51,9 @@ def test_echo_from_configured_peer(node: NodeProcess) -> None:
     r = subprocess.run([ECHOSCU, "-aet", "MODALITY1", "-aec", "AINODE", "127.0.0.1", str(node.port)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert node.cli("echo", f"AINODE@127.0.0.1:{node.port}").returncode != 0  # our own AE is no configured peer
+    own = node.cli("echo", f"AINODE@127.0.0.1:{node.port}")  # our own AE is no configured peer
+    assert own.returncode != 0
+    assert "association rejected permanently: Calling AE title not recognised" in own.stdout
 
 
 def test_unknown_calling_ae_is_rejected_with_the_standard_reason(node: NodeProcess) -> None:
