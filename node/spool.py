@@ -207,6 +207,10 @@ class Spool:
             for _, pool_name in items:
                 pool_name.unlink(missing_ok=True)
 
+    def pooled(self) -> int:
+        """Pool names ready to hand out: created *and* made durable (a name on disk is not yet one)."""
+        return self._pool.qsize()
+
     # ------------------------------------------------------------------ the hot path
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):

@@ -77,7 +77,8 @@ def test_committed_instances_are_visible_at_once_and_settled_in_the_background(t
     spool = Spool(tmp_path / "var", min_free_mb=0)
     spool.start()
     try:
-        wait_for(lambda: len(list(spool.incoming_dir.glob("*.part"))) >= 64, 10)
+        # wait for the pool itself: a .part file exists on disk before its directory entry is flushed
+        wait_for(lambda: spool.pooled() >= 10, 10)
         stored = []
         for f in ct_series(tmp_path / "src", 5, size=32):
             ds, raw = pydicom.dcmread(f), f.read_bytes()
