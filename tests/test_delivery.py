@@ -246,7 +246,8 @@ def test_permanent_rejection_no_retry_storm(storage: Path, state: State) -> None
         svc.start()
         try:
             svc.enqueue(study, "job1", files, ["picky"])
-            time.sleep(3)
+            wait_for(lambda: states(state) == {FAILED: 3}, 30, 0.05)
+            time.sleep(2)  # long enough for a retry storm to show
         finally:
             svc.stop()
         assert scp.connections == 1, f"{scp.connections} association attempts after a permanent rejection"
