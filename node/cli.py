@@ -162,8 +162,7 @@ def _why_not(assoc: Association) -> str:
 
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
-        how = "permanently" if rj.result == 0x01 else "transiently"
-        return f"association rejected {how}: {scu.rejection_reason(rj)}"
+        return f"association rejected {scu.rejection_kind(rj)}ly: {scu.rejection_reason(rj)}"
     if assoc.is_aborted:
         return "association aborted by the peer"
     return "could not connect"

@@ -227,10 +227,8 @@ def association_failure(assoc: Association, dest: DestinationConfig) -> Outcome:
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
-        reason = scu.rejection_reason(rsp)
-        if rsp.result == 0x01:
-            return Outcome("permanent", f"association rejected permanently by {where}: {reason}")
-        return Outcome("transient", f"association rejected transiently by {where}: {reason}")
+        kind = scu.rejection_kind(rsp)
+        return Outcome(kind, f"association rejected {kind}ly by {where}: {scu.rejection_reason(rsp)}")
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
         return Outcome("permanent", f"{where} accepted no presentation context (SOP classes not supported: "

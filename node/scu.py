@@ -16,7 +16,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from ssl import SSLContext
-from typing import Any
+from typing import Any, Literal
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -42,6 +42,11 @@ def _on_pdu(event: evt.Event) -> None:
     pdu = event.pdu
     if isinstance(pdu, A_ASSOCIATE_RJ):
         event.assoc.ainode_rejection = pdu.to_primitive()
+
+
+def rejection_kind(rj: A_ASSOCIATE) -> Literal["permanent", "transient"]:
+    """PS3.8 9.3.4: result 1 means do not retry as configured; 2 means try again later."""
+    return "permanent" if rj.result == 0x01 else "transient"
 
 
 def rejection_reason(rj: A_ASSOCIATE) -> str:
