@@ -44,7 +44,7 @@ from node.acceptor import (
     StoreRequest,
 )
 from node.config import Config
-from node.header import WANTED, quick_header
+from node.integrity import StructureCheck
 from node.spool import PREAMBLE, DiskFull, IncomingFile, Spool, valid_uid
 from node.state import State
 
@@ -55,8 +55,6 @@ TRANSFER_SYNTAXES = [
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, RLELossless,
 ]
-
-HEAD_BYTES = 256 * 1024  # header attributes up to (0028,0008) sit in the first few kB, even with vendor blobs
 
 # C-STORE failure statuses (PS3.4 B.2.3, PS3.7 C.4.2)
 PROCESSING_FAILURE = 0x0110
@@ -239,21 +237,9 @@ class StorageSCP:
         return InstanceSink(self, assoc, request)
 
     @staticmethod
-    def _parse(calling: str, request: StoreRequest, incoming: IncomingFile, head: bytes | bytearray,
-               complete: bool) -> tuple[dict[str, str], Dataset | None] | tuple[int, str]:
-        """The hot-path attributes, checked, with the Dataset when pydicom had to read the file: what to
-        store the instance under, or (status, comment) to refuse it with."""
-        ds = None
-        attrs = quick_header(head, request.transfer_syntax, complete)
-        if attrs is None or not all(attrs.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                            "SOPInstanceUID")):
-            try:
-                ds = pydicom.dcmread(incoming.path, stop_before_pixels=True)
-                attrs = {kw: str(ds.get(kw, "") or "") for kw in WANTED.values()}
-            except Exception as exc:
-                log.warning("C-STORE from %s: dataset cannot be parsed (%s): %s", calling,
-                            request.sop_instance_uid[:64], type(exc).__name__)
-                return CANNOT_UNDERSTAND, "dataset cannot be parsed"
+    def _parse(calling: str, request: StoreRequest, attrs: dict[str, str]) -> tuple[int, str] | None:
+        """The hot-path attributes (collected by the structure check), checked: None, or (status, comment)
+        to refuse the instance with."""
         bad = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID") if not valid_uid(attrs.get(kw, ""))]
         if bad:
             log.warning("C-STORE from %s: invalid %s, nothing stored", calling, " and ".join(bad))
@@ -261,24 +247,27 @@ class StorageSCP:
         if attrs.get("SOPInstanceUID", "") != request.sop_instance_uid:
             log.warning("C-STORE from %s: SOPInstanceUID in dataset differs from the request", calling)
             return DATASET_MISMATCH, "SOPInstanceUID differs from request"
-        return attrs, ds
+        if attrs.get("SOPClassUID") and attrs["SOPClassUID"] != request.sop_class_uid:
+            log.warning("C-STORE from %s: SOPClassUID in dataset differs from the request", calling)
+            return DATASET_MISMATCH, "SOPClassUID differs from request"
+        return None
 
-    def _series_tags(self, path: Path, ds: Dataset | None, modality: str) -> dict[str, Any]:
+    def _series_tags(self, path: Path, modality: str) -> dict[str, Any]:
         try:
-            return series_tags(ds or pydicom.dcmread(path, stop_before_pixels=True), self.route_keywords)
+            return series_tags(pydicom.dcmread(path, stop_before_pixels=True), self.route_keywords)
         except Exception:  # an odd element must not lose an instance that is already on disk
             return {"Modality": modality}
 
     def store_received(self, assoc: Association, request: StoreRequest, incoming: IncomingFile,
-                       head: bytes | bytearray, complete: bool) -> tuple[int, str]:
-        """The whole data set is in ``incoming``: check it, make it durable, index it; only then succeed."""
+                       attrs: dict[str, str]) -> tuple[int, str]:
+        """The whole data set is in ``incoming`` and structurally whole: check its identity, make it durable,
+        index it; only then succeed."""
         calling = assoc.calling_ae
         sop_uid = request.sop_instance_uid
-        parsed = self._parse(calling, request, incoming, head, complete)
-        if isinstance(parsed[0], int):
+        refused = self._parse(calling, request, attrs)
+        if refused is not None:
             incoming.abandon()
-            return parsed  # type: ignore[return-value]
-        attrs, ds = parsed
+            return refused
         study_uid, series_uid = attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"]
         modality = attrs.get("Modality", "")
         try:
@@ -296,7 +285,7 @@ class StorageSCP:
                 new_series = True
             if assoc.id in self._assoc_studies:
                 self._assoc_studies[assoc.id].add(study_uid)
-        tags = self._series_tags(stored.path, ds, modality) if new_series else {}
+        tags = self._series_tags(stored.path, modality) if new_series else {}
         try:
             expected = expected_count(attrs)
         except Exception:
@@ -320,8 +309,7 @@ class InstanceSink:
         self.request = request
         self.file: IncomingFile | None = None
         self.failure: tuple[int, str] | None = None
-        self.head = bytearray()  # the first HEAD_BYTES of the data set, for the quick header reader
-        self.received = 0
+        self.check = StructureCheck(request.transfer_syntax)  # fed what the spool writes: no second read
         if not valid_uid(request.sop_instance_uid):
             log.warning("C-STORE from %s: invalid SOPInstanceUID, nothing stored", assoc.calling_ae)
             self.failure = (CANNOT_UNDERSTAND, "invalid SOPInstanceUID")
@@ -343,9 +331,7 @@ class InstanceSink:
 
     def write(self, data: memoryview) -> None:
         if self.file is not None:
-            if self.received < HEAD_BYTES:
-                self.head += data[:HEAD_BYTES - self.received]
-            self.received += len(data)
+            self.check.feed(data)
             try:
                 self.file.write(data)
             except OSError as exc:
@@ -360,8 +346,13 @@ class InstanceSink:
         if self.failure is not None or self.file is None:
             return self.failure or (PROCESSING_FAILURE, "instance not stored")
         file, self.file = self.file, None
+        problem = self.check.finish()
+        if problem is not None:
+            log.warning("C-STORE from %s: data set not whole, nothing stored: %s", self.assoc.calling_ae, problem)
+            file.abandon()
+            return CANNOT_UNDERSTAND, problem
         try:
-            return self.scp.store_received(self.assoc, self.request, file, self.head, self.received <= HEAD_BYTES)
+            return self.scp.store_received(self.assoc, self.request, file, self.check.attributes)
         except Exception:
             log.exception("C-STORE from %s: instance not stored", self.assoc.calling_ae)
             file.abandon()
