@@ -36,6 +36,24 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from node import __version__
+from node.admission import Admission, Limits
+from node.dimse import (
+    ABORT_UNEXPECTED_PDU,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    NO_DATASET,
+    TAG_AFFECTED_SOP_CLASS,
+    TAG_AFFECTED_SOP_INSTANCE,
+    TAG_COMMAND_FIELD,
+    TAG_DATASET_TYPE,
+    TAG_MESSAGE_ID,
+    TAG_PRIORITY,
+    UNRECOGNISED_OPERATION,
+    ProtocolError,
+    _answerable,
+    decode_command,
+    encode_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +64,18 @@ IMPLEMENTATION_VERSION = f"AINODE_{__version__}"[:16]
 
 # PDU types (PS3.8 9.3)
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
-MAX_ASSOCIATE_PDU = 1 << 20   # an A-ASSOCIATE-RQ with every storage class and syntax is ~40 kB
+# Longest PDU bodies accepted (PS3.8 9.3): a peer that declares more is aborted before anything is
+# allocated for it. An A-ASSOCIATE-RQ with every storage class and 13 transfer syntaxes is ~40 kB.
+MAX_ASSOCIATE_PDU = 64 << 10
+FIXED_PDU_LENGTH = {RELEASE_RQ: 4, RELEASE_RP: 4, ABORT: 4}
 MAX_COMMAND_SET = 1 << 16     # command sets are a few hundred bytes
 CHUNK = 1 << 20               # data set fragments are streamed in pieces of at most this
-
-# DIMSE (PS3.7 9.3, E.1)
-C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
-NO_DATASET = 0x0101
-UNRECOGNISED_OPERATION = 0x0211
-TAG_AFFECTED_SOP_CLASS, TAG_COMMAND_FIELD, TAG_MESSAGE_ID = 0x00000002, 0x00000100, 0x00000110
-TAG_MESSAGE_ID_RESPONDED, TAG_PRIORITY, TAG_DATASET_TYPE = 0x00000120, 0x00000700, 0x00000800
-TAG_STATUS, TAG_ERROR_COMMENT, TAG_AFFECTED_SOP_INSTANCE = 0x00000900, 0x00000902, 0x00001000
-_US_TAGS = {TAG_COMMAND_FIELD, TAG_MESSAGE_ID, TAG_MESSAGE_ID_RESPONDED, TAG_PRIORITY, TAG_DATASET_TYPE, TAG_STATUS}
 
 # A-ASSOCIATE-RJ (result, source, reason) and A-ABORT reasons (PS3.8 9.3.4, 9.3.8)
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)
-ABORT_UNEXPECTED_PDU = 0x02
-ABORT_INVALID_PARAMETER = 0x06
 
-
-class ProtocolError(Exception):
-    """The peer broke PS3.8: the association is aborted with ``reason``."""
-
-    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER):
-        super().__init__(message)
-        self.reason = reason
 
 
 class PeerGone(Exception):
@@ -140,58 +143,6 @@ class _Discard:
         pass
 
 
-# ---------------------------------------------------------------------------------------------- DIMSE commands
-def _answerable(command_field: int) -> bool:
-    """A response (high bit set) or a C-CANCEL gets no answer of its own (PS3.7 9.3.2.3)."""
-    return not command_field & 0x8000 and command_field != C_CANCEL_RQ
-
-
-def decode_command(data: bytes) -> dict[int, int | str]:
-    """Command sets are always implicit VR little endian (PS3.7 6.3.1)."""
-    out: dict[int, int | str] = {}
-    off, end = 0, len(data)
-    while off < end:
-        if off + 8 > end:
-            raise ProtocolError("truncated command set")
-        group, elem, length = struct.unpack_from("<HHI", data, off)
-        off += 8
-        if off + length > end:
-            raise ProtocolError("command element runs past the command set")
-        tag = (group << 16) | elem
-        value = bytes(data[off:off + length])
-        off += length
-        if tag in _US_TAGS:
-            if length != 2:
-                raise ProtocolError(f"command element ({group:04X},{elem:04X}) is not US")
-            out[tag] = struct.unpack("<H", value)[0]
-        elif group == 0x0000 and tag != 0x00000000:
-            out[tag] = value.rstrip(b"\x00 ").decode("ascii", "replace")
-    return out
-
-
-def _element(tag: int, value: int | str, pad: bytes = b"\x00") -> bytes:
-    if isinstance(value, int):
-        raw = struct.pack("<H", value)
-    else:
-        raw = value.encode("ascii", "replace")
-        if len(raw) % 2:
-            raw += pad
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(raw)) + raw
-
-
-def encode_response(command_field: int, request: dict[int, int | str], status: int, comment: str = "") -> bytes:
-    elems = [_element(TAG_AFFECTED_SOP_CLASS, str(request.get(TAG_AFFECTED_SOP_CLASS, ""))),
-             _element(TAG_COMMAND_FIELD, command_field | 0x8000),
-             _element(TAG_MESSAGE_ID_RESPONDED, int(request.get(TAG_MESSAGE_ID, 0))),
-             _element(TAG_DATASET_TYPE, NO_DATASET),
-             _element(TAG_STATUS, status)]
-    if comment:
-        elems.append(_element(TAG_ERROR_COMMENT, comment[:64], pad=b" "))
-    if TAG_AFFECTED_SOP_INSTANCE in request:
-        elems.append(_element(TAG_AFFECTED_SOP_INSTANCE, str(request[TAG_AFFECTED_SOP_INSTANCE])))
-    body = b"".join(elems)
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
-
 
 # ---------------------------------------------------------------------------------------------- one association
 class _Connection:
@@ -200,6 +151,7 @@ class _Connection:
         self.sock = sock
         self.address = address
         self.assoc: Association | None = None
+        self.deadline: float | None = None  # until the A-ASSOCIATE-RQ is complete (node.handshake_timeout_s)
         self.buf = bytearray(CHUNK)
         self.view = memoryview(self.buf)
 
@@ -207,13 +159,27 @@ class _Connection:
     def _recv_into(self, view: memoryview) -> None:
         got, n = 0, len(view)
         while got < n:
+            if self.deadline is not None:  # the whole handshake has one deadline, however slow the bytes
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    self._handshake_too_slow()
+                self.sock.settimeout(min(left, self.server.acse_timeout))
             try:
                 k = self.sock.recv_into(view[got:], n - got)
-            except (TimeoutError, OSError) as exc:
+            except TimeoutError as exc:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    self._handshake_too_slow()
+                raise PeerGone(str(exc) or type(exc).__name__) from exc
+            except OSError as exc:
                 raise PeerGone(str(exc) or type(exc).__name__) from exc
             if k == 0:
                 raise PeerGone("connection closed by peer")
             got += k
+
+    def _handshake_too_slow(self) -> None:
+        log.info("closing connection from %s: no A-ASSOCIATE-RQ within %.0f s (node.handshake_timeout_s)",
+                 self.address[0], self.server.admission.limits.handshake_timeout_s)
+        raise PeerGone("no complete A-ASSOCIATE-RQ in time")
 
     def _recv(self, n: int) -> bytes:
         if n <= CHUNK:
@@ -238,7 +204,15 @@ class _Connection:
             pass
 
     def _pdu_header(self) -> tuple[int, int]:
+        """Type and length of the next PDU, its length checked against what that type may carry."""
         pdu_type, _, length = struct.unpack(">BBI", self._recv(6))
+        fixed = FIXED_PDU_LENGTH.get(pdu_type)
+        if fixed is not None and length != fixed:
+            raise ProtocolError(f"PDU type 0x{pdu_type:02X} declares {length} bytes ({fixed} allowed)")
+        if pdu_type == ASSOCIATE_RQ and length > MAX_ASSOCIATE_PDU:
+            raise ProtocolError(f"A-ASSOCIATE-RQ declares {length} bytes ({MAX_ASSOCIATE_PDU} allowed)")
+        if pdu_type == P_DATA and self.server.max_pdu and length > self.server.max_pdu:
+            raise ProtocolError(f"P-DATA-TF declares {length} bytes (we announced {self.server.max_pdu})")
         return pdu_type, length
 
     # ------------------------------------------------------------------ lifecycle
@@ -251,7 +225,7 @@ class _Connection:
         except PeerGone as exc:
             log.debug("association from %s ended: %s", self.address[0], exc)
         except ProtocolError as exc:
-            log.warning("aborting association from %s: %s", self.address[0], exc)
+            log.warning("aborting association from %s port %d: %s", self.address[0], self.address[1], exc)
             self._abort(exc.reason)
             how = "aborted"
         except Exception:
@@ -292,9 +266,9 @@ class _Connection:
         pdu_type, length = self._pdu_header()
         if pdu_type != ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
-        if length > MAX_ASSOCIATE_PDU:
-            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes")
         raw = struct.pack(">BBI", pdu_type, 0, length) + self._recv(length)
+        self.deadline = None
+        self.sock.settimeout(self.server.acse_timeout)
         rq = A_ASSOCIATE_RQ()
         try:
             rq.decode(raw)
@@ -327,7 +301,7 @@ class _Connection:
         reject = self.server.handler.policy(assoc)
         if reject is not None:
             return reject
-        if self.server.active_count() > self.server.max_associations:
+        if not self.server.admission.admit(self):
             log.warning("rejected association from %s@%s: %d associations already open (node.max_associations)",
                         assoc.calling_ae, assoc.host, self.server.max_associations)
             return REJECT_TOO_MANY
@@ -373,11 +347,11 @@ class _Connection:
                 if pdu_type == P_DATA:
                     pending = self._p_data(length, command, pending)
                 elif pdu_type == RELEASE_RQ:
-                    self._recv(length)
+                    self._recv(length)  # 4 bytes: checked by _pdu_header
                     self._send(struct.pack(">BBI", RELEASE_RP, 0, 4) + b"\x00" * 4)
                     return "released"
                 elif pdu_type == ABORT:
-                    self._recv(min(length, 64))
+                    self._recv(length)
                     return "aborted"
                 else:
                     raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
@@ -465,16 +439,15 @@ class _Connection:
 class AcceptorServer:
     def __init__(self, address: tuple[str, int], handler: ServiceHandler, contexts: list[PresentationContext], *,
                  max_pdu: int = 0, max_associations: int = 32, ssl_context: ssl.SSLContext | None = None,
-                 acse_timeout: float = 30, network_timeout: float = 60):
+                 acse_timeout: float = 30, network_timeout: float = 60, limits: Limits | None = None):
         self.handler = handler
         self.contexts = contexts
         self.max_pdu = max_pdu
         self.max_associations = max_associations
+        self.admission = Admission(limits or Limits(max_associations=max_associations))
         self.ssl_context = ssl_context
         self.acse_timeout = acse_timeout
         self.network_timeout = network_timeout
-        self._lock = threading.Lock()
-        self._active: set[_Connection] = set()
         self._stopping = False
         self._listener = socket.create_server(address, reuse_port=False, backlog=64)
         self.server_address = self._listener.getsockname()
@@ -482,10 +455,22 @@ class AcceptorServer:
 
     def start(self) -> None:
         self._thread.start()
+        threading.Thread(target=self._artim, name="ainode-artim", daemon=True).start()
+
+    def _artim(self) -> None:
+        """Closes connections past their handshake deadline even while blocked outside ``_recv_into``
+        (a TLS handshake that trickles in)."""
+        while not self._stopping:
+            time.sleep(0.5)
+            for conn in self.admission.overdue():
+                if conn.deadline is not None:  # type: ignore[attr-defined]
+                    log.info("closing connection from %s: no A-ASSOCIATE-RQ within %.0f s (node.handshake_timeout_s)",
+                             conn.address[0], self.admission.limits.handshake_timeout_s)
+                    conn.close()
 
     def active_count(self) -> int:
-        with self._lock:
-            return len(self._active)
+        """Accepted associations (connections still negotiating are not counted)."""
+        return self.admission.associations()
 
     def _accept_loop(self) -> None:
         while not self._stopping:
@@ -498,13 +483,11 @@ class AcceptorServer:
                 time.sleep(0.1)
                 continue
             conn = _Connection(self, sock, address[:2])
-            with self._lock:
-                self._active.add(conn)
+            conn.deadline = self.admission.arrived(conn)
             threading.Thread(target=conn.run, name=f"ainode-assoc-{address[0]}:{address[1]}", daemon=True).start()
 
     def _forget(self, conn: _Connection) -> None:
-        with self._lock:
-            self._active.discard(conn)
+        self.admission.gone(conn)
 
     def shutdown(self, timeout: float = 5) -> None:
         """Stop accepting, then cut open associations: an instance not yet acknowledged was never ours."""
@@ -515,7 +498,5 @@ class AcceptorServer:
             pass
         self._listener.close()
         self._thread.join(timeout)
-        with self._lock:
-            active = list(self._active)
-        for conn in active:
+        for conn in self.admission.everyone():
             conn.close()

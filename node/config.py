@@ -64,6 +64,13 @@ class NodeConfig(_Strict):
     no_route_retention_hours: float = Field(24.0, ge=0)
     housekeeping_seconds: float = Field(30.0, gt=0)  # how often retention and outbox clean-up run
     allow_unverified_models: bool = False
+    # before association (issue 10): a connection must send its A-ASSOCIATE-RQ within this many seconds of TCP
+    # accept; at most this many such connections per source address and in all (the oldest is closed first)
+    handshake_timeout_s: float = Field(10.0, gt=0)
+    max_pending_per_host: int = Field(16, ge=1, le=10000)
+    max_pending_associations: int = Field(256, ge=1, le=100000)
+    # same SOP Instance UID, same study and series, different content: keep the first copy or replace it
+    duplicates: Literal["keep_first", "replace"] = "keep_first"
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
     _port = field_validator("port")(classmethod(lambda cls, v: _check_port(v)))
@@ -86,6 +93,8 @@ class WorkersConfig(_Strict):
     queues: list[Literal["cpu", "gpu"]] = ["cpu", "gpu"]
     max_retries: int = Field(3, ge=0, le=20)
     task_time_limit_s: int = Field(900, ge=10)
+    # a running job's worker renews its lease this often / 3; a job whose lease expires is queued again
+    lease_seconds: float = Field(30.0, ge=2)
 
 
 class PeerConfig(_Strict):

@@ -43,6 +43,7 @@ from node.acceptor import (
     Association,
     StoreRequest,
 )
+from node.admission import Limits
 from node.config import Config
 from node.integrity import StructureCheck
 from node.spool import PREAMBLE, DiskFull, IncomingFile, Spool, valid_uid
@@ -184,10 +185,15 @@ class StorageSCP:
     def start(self) -> None:
         self.server = AcceptorServer((self.cfg.node.host, self.cfg.node.port), self, supported_contexts(),
                                      max_pdu=self.cfg.node.max_pdu, max_associations=self.cfg.node.max_associations,
-                                     ssl_context=tls_context(self.cfg), acse_timeout=30, network_timeout=60)
+                                     ssl_context=tls_context(self.cfg), acse_timeout=30, network_timeout=60,
+                                     limits=self._limits())
         self.server.start()
         log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, self.cfg.node.host, self.port,
                  " (TLS)" if self.cfg.node.tls else "")
+
+    def _limits(self) -> Limits:
+        n = self.cfg.node
+        return Limits(n.max_associations, n.max_pending_associations, n.max_pending_per_host, n.handshake_timeout_s)
 
     @property
     def port(self) -> int:
