@@ -261,6 +261,10 @@ def status_data(cfg: Config, limit: int = 200) -> dict[str, Any]:
             dl = entry["delivery"].values()
             entry["delivered"] = max((d["last_sent"] or 0 for d in dl), default=None) or None \
                 if dl and all(d["delivered"] for d in dl) else None
+        if "instance_conflicts" in tables:
+            from node.duplicates import conflicts
+
+            entry["conflicts"] = conflicts(conn, s["study_uid"])
         if "notify_deliveries" in tables:
             from node.notify import notification_log
 
@@ -313,6 +317,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             states = ", ".join(f"{k} {v}" for k, v in sorted(d["states"].items()))
             err = f"; last error: {d['last_error']}" if d["last_error"] and not d["delivered"] else ""
             print(f"{'':<40} -> {dest}: {states}; last sent {_ts(d['last_sent'])}{err}")
+        for c in s.get("conflicts") or []:
+            what = {"kept_first": "different content, first copy kept", "replaced": "different content, replaced",
+                    "refused": f"refused for study {c['sent_study_uid']}"}.get(c["action"], c["action"])
+            print(f"{'':<40} conflict: SOP Instance UID {c['sop_uid']} from {c['calling_ae'] or '?'} at "
+                  f"{_ts(c['at'])}: {what}")
         for n in s.get("notifications") or []:
             took = f" {n['latency_s']:.1f} s after completion" if n.get("latency_s") is not None else ""
             print(f"{'':<40} notify {n['channel']} ({n['finding']}): {n['state']}{took}")

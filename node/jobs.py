@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 
 from node.assembly import CompletionRule
 from node.config import Config, RouteConfig
+from node.duplicates import replaced_counts
 from node.routing import route
 from node.state import State
 from node.tasks import JobSpec, send_job
@@ -79,7 +80,9 @@ class JobManager:
         now = time.time()
         routes = self.routes_for(study_uid)
         instances = self.state.study_instances(study_uid)
-        ihash = instances_hash([r["sop_uid"] for r in instances])
+        replaced = replaced_counts(self.state, study_uid)  # a replaced instance is new content: run again
+        ihash = instances_hash([f"{r['sop_uid']}#{replaced[r['sop_uid']]}" if r["sop_uid"] in replaced
+                                else r["sop_uid"] for r in instances])
         created: list[str] = []
         with self.state.tx() as c:
             c.execute("UPDATE studies SET state=?, completed=?, complete_reason=?, route=?,"

@@ -11,6 +11,7 @@ import logging
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,9 @@ from node.acceptor import (
 )
 from node.admission import Limits
 from node.config import Config
+from node.duplicates import Duplicates
 from node.integrity import StructureCheck
-from node.spool import PREAMBLE, DiskFull, IncomingFile, Spool, valid_uid
+from node.spool import PREAMBLE, DiskFull, IncomingFile, Spool, Stored, valid_uid
 from node.state import State
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,7 @@ class StorageSCP:
         self._known_series: set[str] = set()
         self._assoc_studies: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+        self.duplicates = Duplicates(state, cfg.node.duplicates)
         self.server: AcceptorServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -275,15 +278,42 @@ class StorageSCP:
             incoming.abandon()
             return refused
         study_uid, series_uid = attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"]
+        with self.duplicates.lock(sop_uid):  # look-up, link and index as one step per SOP Instance UID
+            decision = self.duplicates.decide(sop_uid, study_uid, series_uid, incoming.path)
+            if decision.kind == "refuse":
+                incoming.abandon()
+                self.duplicates.record(decision, sop_uid, study_uid, series_uid, calling)
+                return CANNOT_UNDERSTAND, decision.comment
+            try:
+                if decision.kind == "new":
+                    stored = self.spool.commit(incoming, study_uid, series_uid, sop_uid)
+                elif decision.kind == "replace":
+                    stored = self.spool.replace(incoming, study_uid, series_uid, sop_uid)
+                else:  # identical, or keep_first: the stored copy stays
+                    incoming.abandon()
+                    assert decision.path is not None
+                    stored = Stored(decision.path, decision.path.stat().st_size, duplicate=True)
+            except DiskFull as exc:
+                log.error("C-STORE from %s refused: %s (node.min_free_disk_mb)", calling, exc)
+                return OUT_OF_RESOURCES, "insufficient disk space"
+            except OSError as exc:
+                log.error("C-STORE from %s: cannot write instance: %s", calling, exc)
+                return OUT_OF_RESOURCES, "cannot write instance"
+            new, new_series = self._index(assoc, request, attrs, stored)
+            if decision.kind == "replace":
+                self.state.execute("UPDATE instances SET size=?, received=? WHERE sop_uid=?",
+                                   (stored.size, time.time(), sop_uid))
+            self.duplicates.record(decision, sop_uid, study_uid, series_uid, calling)
+        if self.on_instance:
+            self.on_instance(InstanceEvent(study_uid, series_uid, sop_uid, new_series,
+                                           not new or stored.duplicate or decision.kind == "replace"))
+        return 0x0000, ""
+
+    def _index(self, assoc: Association, request: StoreRequest, attrs: dict[str, str],
+               stored: Stored) -> tuple[bool, bool]:
+        """(new instance, new series) once the instance is in the state database."""
+        study_uid, series_uid = attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"]
         modality = attrs.get("Modality", "")
-        try:
-            stored = self.spool.commit(incoming, study_uid, series_uid, sop_uid)
-        except DiskFull as exc:
-            log.error("C-STORE from %s refused: %s (node.min_free_disk_mb)", calling, exc)
-            return OUT_OF_RESOURCES, "insufficient disk space"
-        except OSError as exc:
-            log.error("C-STORE from %s: cannot write instance: %s", calling, exc)
-            return OUT_OF_RESOURCES, "cannot write instance"
         new_series = False
         with self._lock:
             if series_uid not in self._known_series:
@@ -297,12 +327,10 @@ class StorageSCP:
         except Exception:
             expected = None
         new = self.state.record_instance(
-            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, path=str(stored.path), size=stored.size,
-            calling_ae=calling, assoc_id=assoc.id, modality=modality,
+            study_uid=study_uid, series_uid=series_uid, sop_uid=request.sop_instance_uid, path=str(stored.path),
+            size=stored.size, calling_ae=assoc.calling_ae, assoc_id=assoc.id, modality=modality,
             sop_class_uid=request.sop_class_uid, expected=expected, series_tags=tags)
-        if self.on_instance:
-            self.on_instance(InstanceEvent(study_uid, series_uid, sop_uid, new_series, not new or stored.duplicate))
-        return 0x0000, ""
+        return new, new_series
 
 
 class InstanceSink:

@@ -114,6 +114,11 @@ class Listener:
                 continue
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
+                if self.state.one("SELECT 1 FROM instances WHERE sop_uid=?", (str(ds.SOPInstanceUID),)):
+                    # the UID is indexed under another path: this copy was never acknowledged (node.duplicates)
+                    log.warning("spool file %s duplicates an indexed SOP Instance UID elsewhere: removed", path)
+                    path.unlink(missing_ok=True)
+                    continue
                 self.state.record_instance(
                     study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
                     sop_uid=str(ds.SOPInstanceUID), path=str(path), size=path.stat().st_size,

@@ -284,6 +284,25 @@ class Spool:
             _fsync_dir(final.parent)
         return Stored(final, incoming.size, duplicate=False)
 
+    def replace(self, incoming: IncomingFile, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
+        """Swap the stored copy of an instance for ``incoming`` (``node.duplicates: replace``): flushed first,
+        then renamed over the old name in one step, so a reader sees the old file or the new, never a mix
+        (one that has the old file open keeps reading the old content)."""
+        try:
+            final = self.path_for(study_uid, series_uid, sop_uid)
+            if self.low_on_space():
+                raise DiskFull(f"free space below {self.min_free_bytes // (1024 * 1024)} MB")
+            if incoming.fd is not None:
+                incoming.sync_and_close()
+            self._ensure_dir(final.parent)
+            os.replace(incoming.path, final)
+        except BaseException:
+            incoming.abandon()
+            raise
+        _fsync_dir(final.parent)
+        _fsync_dir(incoming.path.parent)
+        return Stored(final, incoming.size, duplicate=False)
+
     # ------------------------------------------------------------------ recovery and housekeeping
     def recover_incoming(self) -> tuple[int, int]:
         """After any stop: link certified pool files whose final name may have been lost; delete the rest
