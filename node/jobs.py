@@ -22,6 +22,9 @@ from pydicom.uid import generate_uid
 from node.assembly import CompletionRule
 from node.config import Config, RouteConfig
 from node.duplicates import replaced_counts
+from node.faults import fault_point
+from node.lease import expired as lease_expired
+from node.lease import redis_client
 from node.routing import route
 from node.state import State
 from node.tasks import JobSpec, send_job
@@ -51,6 +54,9 @@ class JobManager:
         self.on_critical_result = on_critical_result
         self._announced: set[str] = set()
         self._routes = {r.name: r for r in cfg.routes}
+        self._redis: Any = None
+        self._last_lease_check = 0.0
+        self._lease_warning = 0.0
 
     # ------------------------------------------------------------------ routing / completion
     def series_tags(self, study_uid: str) -> list[dict[str, Any]]:
@@ -156,7 +162,8 @@ class JobManager:
             outbox_dir=str(self.storage / "outbox" / job["job_id"]),
             options=options, language=language, sr_class=sr_class, encode=bool(r and r.destinations),
             device_uid=self.device_uid, critical=dict(r.critical) if r else {},
-            predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]))
+            predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]),
+            lease_s=float(self.cfg.workers.lease_seconds))
         return spec, queue
 
     def publish_pending(self) -> int:
@@ -187,9 +194,70 @@ class JobManager:
             log.info("re-queued %d unfinished job(s) after restart", n)
         return n + self.publish_pending()
 
+    def undelivered(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Done jobs with result files but no delivery row: the listener died between marking the job done and
+        queueing its results. Recovery queues them (delivery rows are keyed by destination and SOP Instance UID,
+        so queueing twice sends once)."""
+        try:
+            rows = self.state.query("SELECT * FROM jobs j WHERE state='done' AND summary IS NOT NULL AND NOT EXISTS"
+                                    " (SELECT 1 FROM deliveries d WHERE d.job_id=j.job_id)")
+        except Exception:  # no deliveries table: no destination was ever configured
+            return []
+        out = []
+        for row in rows:
+            summary = json.loads(row["summary"])
+            files = summary.get("outbox_files") or []
+            if files and all(Path(f).exists() for f in files):
+                out.append((dict(row), summary))
+        return out
+
     # ------------------------------------------------------------------ monitoring
+    def check_leases(self, every: float = 1.0) -> int:
+        """Started jobs whose worker stopped renewing its lease (node.lease) are queued again; returns how many."""
+        now = time.monotonic()
+        if now - self._last_lease_check < every:
+            return 0
+        self._last_lease_check = now
+        running = [j for j in self.state.query("SELECT * FROM jobs WHERE state='started'")
+                   if not any((self.storage / "results" / j["job_id"] / f).exists()
+                              for f in ("summary.json", "failed.json"))]
+        if not running:
+            return 0
+        try:
+            if self._redis is None:
+                self._redis = redis_client(str(self.app.conf.broker_url))
+            gone = set(lease_expired(self._redis, [j["job_id"] for j in running]))
+        except Exception as exc:  # broker down: no news is not bad news
+            if now - self._lease_warning > 60:
+                self._lease_warning = now
+                log.warning("cannot check job leases: %s", exc)
+            return 0
+        n = 0
+        for job in running:
+            d = self.storage / "results" / job["job_id"]
+            if job["job_id"] not in gone or (d / "summary.json").exists():
+                continue
+            started = d / "started.json"
+            if started.exists():  # keep it for post-mortems; the next attempt writes its own
+                started.rename(d / f"started.lost-{int(time.time())}.json")
+            spec, queue = self.spec_for(job)
+            try:
+                send_job(self.app, spec, queue, job["priority"])
+            except Exception as exc:
+                log.error("cannot re-queue job %s: %s", job["job_id"], exc)
+                continue
+            self.state.execute("UPDATE jobs SET state='queued', queued=? WHERE job_id=?", (time.time(), job["job_id"]))
+            self._set_study_state(job["study_uid"], "queued")
+            log.warning("job %s (%s) for study %s: its worker stopped renewing the lease for %.0f s "
+                        "(workers.lease_seconds): queued again", job["job_id"], job["pipeline"], job["study_uid"],
+                        self.cfg.workers.lease_seconds)
+            self.state.event("job_requeued", f"job {job['job_id']}: worker lost, queued again", job["study_uid"])
+            n += 1
+        return n
+
     def poll(self) -> int:
         """Fold worker reports on disk into the state database; returns how many jobs finished."""
+        self.check_leases()
         finished = 0
         for job in self.state.query("SELECT * FROM jobs WHERE state IN ('queued','started')"):
             d = self.storage / "results" / job["job_id"]
@@ -219,6 +287,7 @@ class JobManager:
                          state, f" ({data.get('reason')})" if data.get("reason") else "")
                 self._refresh_study(job["study_uid"])
                 finished += 1
+                fault_point("after_job_done")  # crash window: done, results not yet queued (see undelivered())
                 if self.on_job_finished:
                     row = self.state.one("SELECT * FROM jobs WHERE job_id=?", (job["job_id"],))
                     self.on_job_finished(dict(row), data)

@@ -54,6 +54,7 @@ class Listener:
         self.recover()
         self.spool.start()
         self._start_delivery()
+        self._queue_undelivered()
         self._start_notifier()
         self.scp.start()
         self._thread = threading.Thread(target=self._loop, name="ainode-scheduler", daemon=True)
@@ -105,6 +106,14 @@ class Listener:
             self.jobs.recover()
         except Exception as exc:
             log.error("could not re-queue jobs (broker unreachable?): %s", exc)
+
+    def _queue_undelivered(self) -> None:
+        """Results of jobs finished just before a crash, never queued for delivery (issue 10, item 7)."""
+        if self.delivery is None:
+            return
+        for job, summary in self.jobs.undelivered():
+            log.info("recovery: queueing the results of finished job %s for delivery", job["job_id"])
+            self._job_finished(job, summary)
 
     def reconcile_spool(self) -> int:
         known = {r["path"] for r in self.state.query("SELECT path FROM instances")}

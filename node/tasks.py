@@ -21,6 +21,8 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from node.lease import Lease, LeaseLost, redis_client
+
 log = logging.getLogger(__name__)
 
 TASK_NAME = "ainode.run_pipeline"
@@ -43,6 +45,7 @@ class JobSpec:
     predecessors: list[dict[str, str]] = field(default_factory=list)
     device_uid: str = ""  # the node's Device Observer UID: the same on every report this node writes
     critical: dict[str, float | None] = field(default_factory=dict)  # the route's critical policy
+    lease_s: float = 0.0  # workers.lease_seconds: the attempt holds a renewed lease in Redis (node.lease); 0 = none
 
 
 def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 3,
@@ -70,17 +73,50 @@ def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 
     def run_pipeline(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
         job = JobSpec(**spec)
         attempt = self.request.retries + 1
+        lease = _lease(self.app, job)
         try:
-            return execute_job(job, attempt)
+            return execute_job(job, attempt, lease)
+        except LeaseLost:
+            log.warning("job %s: attempt %d lost its lease to another attempt; it completes nothing", job.job_id,
+                        attempt)
+            if lease is not None:
+                lease.release()
+            return {"job_id": job.job_id, "status": "superseded"}
         except Exception as exc:
             log.exception("job %s failed (attempt %d)", job.job_id, attempt)
             if self.request.retries < self.max_retries:
-                raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
-            _write_json(Path(job.result_dir) / "failed.json",
-                        {"error": f"{type(exc).__name__}: {exc}", "attempts": attempt, "at": time.time()})
+                countdown = min(60, 2 ** self.request.retries)
+                if lease is not None:
+                    lease.hand_over(countdown)  # the retry takes the job over; the listener must not re-queue it
+                raise self.retry(exc=exc, countdown=countdown) from exc
+            if lease is None or _holds(lease):
+                _write_json(Path(job.result_dir) / "failed.json",
+                            {"error": f"{type(exc).__name__}: {exc}", "attempts": attempt, "at": time.time()})
+            if lease is not None:
+                lease.release()
             raise
 
     return app
+
+
+_REDIS: dict[str, Any] = {}
+
+
+def _lease(app: Celery, job: JobSpec) -> Lease | None:
+    if not job.lease_s:
+        return None
+    url = str(app.conf.broker_url)
+    if url not in _REDIS:
+        _REDIS[url] = redis_client(url)
+    return Lease(_REDIS[url], job.job_id, job.lease_s)
+
+
+def _holds(lease: Lease) -> bool:
+    try:
+        lease.check()
+        return True
+    except LeaseLost:
+        return False
 
 
 def send_job(app: Celery, spec: JobSpec, queue: str, priority: str) -> str:
@@ -109,21 +145,28 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def execute_job(spec: JobSpec, attempt: int = 1) -> dict[str, Any]:
-    """Run one job once: an flock on the job's directory serialises duplicate deliveries of it
-    (the kernel drops the lock when a worker dies, so a killed worker never blocks the re-run)."""
+def execute_job(spec: JobSpec, attempt: int = 1, lease: Lease | None = None) -> dict[str, Any]:
+    """Run one job once: an flock on the job's directory serialises duplicate deliveries of it on one host
+    (the kernel drops the lock when a worker dies, so a killed worker never blocks the re-run), and the
+    job's lease (node.lease) does so across hosts and tells the listener this attempt is alive.
+    On success the lease is released; on an exception the caller hands it over or releases it."""
     out = Path(spec.result_dir)
     out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        summary_path = out / "summary.json"
         if summary_path.exists():  # re-delivered after a crash, or a duplicate: the work is done
             return json.loads(summary_path.read_text(encoding="utf-8"))
+        if lease is not None and not lease.acquire(done=summary_path.exists):
+            return json.loads(summary_path.read_text(encoding="utf-8"))  # another attempt finished it
         _write_json(out / "started.json", {"at": time.time(), "attempt": attempt, "pid": os.getpid()})
-        return _execute(spec, out, summary_path)
+        summary = _execute(spec, out, summary_path, lease)
+        if lease is not None:
+            lease.release()
+        return summary
 
 
-def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
+def _execute(spec: JobSpec, out: Path, summary_path: Path, lease: Lease | None = None) -> dict[str, Any]:
     from pipelines.base import ModelUnavailable, PipelineResult, Refused
 
     t0 = time.time()
@@ -147,6 +190,8 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
     _write_json(out / "result_ready.json", {"at": t_run, "critical": result.critical, "status": result.status})
     files: list[str] = []
     validation_error = ""
+    if lease is not None:
+        lease.check()  # a superseded attempt stops before it writes result objects
     if result.status == "ok" and spec.encode:
         files, validation_error = _encode(result, spec)
     summary = {
@@ -158,6 +203,8 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
         "outbox_files": files, "started": t0, "finished": time.time(), "run_seconds": round(t_run - t0, 3),
         "worker_pid": os.getpid(),
     }
+    if lease is not None:
+        lease.check()  # only the attempt holding the lease completes the job
     _write_json(summary_path, summary)
     return summary
 
