@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -62,6 +63,11 @@ def test_a_listener_killed_between_job_done_and_delivery_queued_delivers_after_r
         pacs.stop()
 
 
+def node_events(node: NodeProcess, kind: str) -> list[float]:
+    with sqlite3.connect(f"file:{node.storage / 'state.db'}?mode=ro", uri=True) as conn:
+        return [r[0] for r in conn.execute("SELECT at FROM events WHERE kind=? ORDER BY at", (kind,))]
+
+
 def _worker(node: NodeProcess, log: Path) -> subprocess.Popen[bytes]:
     """``ainode worker`` as a second host would run it: its own process group, one pool process."""
     with open(log, "ab") as out:
@@ -72,7 +78,7 @@ def _worker(node: NodeProcess, log: Path) -> subprocess.Popen[bytes]:
 
 def test_a_whole_worker_killed_mid_task_is_replaced_within_the_lease_and_results_arrive_once(
         node_factory, tmp_path: Path) -> None:
-    lease, task = 3, 6
+    lease, task = 6, 4
     pacs = StoreSCP(tmp_path / "pacs", aet="PACS").start()
     markers = tmp_path / "markers"
     cfg = _config(tmp_path, pacs, concurrency=0, lease_seconds=lease)  # workers run apart, as on other hosts
@@ -89,19 +95,23 @@ def test_a_whole_worker_killed_mid_task_is_replaced_within_the_lease_and_results
         started = json.loads((node.storage / "results" / job["job_id"] / "started.json").read_text())
         wait_for(lambda: list(markers.glob("attempt-*")), 20)
         victim = next(w for w in workers if os.getpgid(started["pid"]) == w.pid)
-        t_kill = time.monotonic()
+        t_kill = time.time()
         os.killpg(victim.pid, signal.SIGKILL)  # the whole worker: main process and pool, as a host dies
         victim.wait(10)
-        study = node.wait_study(study_uid, timeout=lease + task + 60)
-        took = time.monotonic() - t_kill
+        # the node's part is bounded by the lease: re-queued, and running again on the other worker, within it
+        requeued = wait_for(lambda: node_events(node, "job_requeued"), lease + 30, 0.2, "job re-queued")
+        assert requeued[0] - t_kill < lease + 5, f"re-queued {requeued[0] - t_kill:.1f} s after the kill"
+        wait_for(lambda: len(list(markers.glob("attempt-*"))) == 2, 60, 0.2, "second attempt")
+        attempts = sorted(markers.glob("attempt-*"), key=lambda a: float(a.name.split("-")[2]))
+        second_at = float(attempts[1].name.split("-")[2])
+        assert second_at - t_kill < lease + 10, f"second attempt began {second_at - t_kill:.1f} s after the kill"
+        study = node.wait_study(study_uid, timeout=lease + task + 180)  # encoding and validation are slow here
         (done,) = study["jobs"]
         assert done["state"] == "done"
-        attempts = sorted(markers.glob("attempt-*"), key=lambda a: float(a.name.split("-")[2]))
-        assert len(attempts) == 2 and str(started["pid"]) in attempts[0].name, [a.name for a in attempts]
+        assert str(started["pid"]) in attempts[0].name, [a.name for a in attempts]
         survivor = next(w for w in workers if w is not victim)
         second_pid = int(attempts[1].name.split("-")[1])
         assert os.getpgid(second_pid) == survivor.pid, "the second attempt ran on the other worker"
-        assert took < lease + task + 30, f"re-run took {took:.0f} s after the kill (lease {lease} s, task {task} s)"
         wait_for(lambda: "stopped renewing the lease" in node.log_text(), 5)
         summary = json.loads((node.storage / "results" / done["job_id"] / "summary.json").read_text())
         wait_for(lambda: len(pacs.files()) >= len(summary["outbox_files"]), 60, 0.25, "results at the PACS")
