@@ -77,7 +77,6 @@ REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)
 
 
-
 class PeerGone(Exception):
     """The connection closed, or went silent past the network timeout."""
 
@@ -141,7 +140,6 @@ class _Discard:
 
     def discard(self) -> None:
         pass
-
 
 
 # ---------------------------------------------------------------------------------------------- one association
