@@ -2,7 +2,8 @@
 
     python benchmarks/ingest.py [--n 500] [--size 512] [--rounds 3]
 
-Both receivers write every instance to disk. ainode also flushes each instance (one fdatasync: see
+Both receivers write every instance to disk. Also printed: the listener process's CPU time per
+instance, which a loaded machine disturbs far less than the wall-clock rate. ainode also flushes each instance (one fdatasync: see
 node/spool.py) and indexes it before answering; DCMTK does not flush at all. Prints instances/s of
 both and the ratio per round (machines here are noisy: compare the ratio, not the absolute numbers),
 and, for context, what one fdatasync of an instance-sized file costs on this disk.
@@ -54,20 +55,30 @@ def dcmtk_rate(files: list[Path], tmp: Path) -> float:
     return len(files) / dt
 
 
-def ainode_rate(files: list[Path], tmp: Path) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process: steadier than wall time on a shared, loaded machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ainode_rate(files: list[Path], tmp: Path) -> tuple[float, float]:
+    """(instances/s, listener CPU ms per instance)"""
     run = tmp / f"ainode-{time.time_ns()}"
     run.mkdir()
     cfg = base_config(run / "var", free_port())
     cfg["routes"] = []  # measure receiving, not processing
     node = NodeProcess(run, cfg).start()
     try:
+        assert node.proc is not None
+        cpu0 = cpu_seconds(node.proc.pid)
         dt = send(node.port, files, "AINODE")
+        cpu = cpu_seconds(node.proc.pid) - cpu0
         spool = run / "var" / "spool"
         wait_for(lambda: len(list(spool.rglob("*.dcm"))) == len(files), 10)
     finally:
         node.stop()
     shutil.rmtree(run, ignore_errors=True)
-    return len(files) / dt
+    return len(files) / dt, 1000 * cpu / len(files)
 
 
 def flush_ms(directory: Path, size: int, n: int = 50) -> float:
@@ -97,14 +108,16 @@ def main() -> None:
         files = ct_series(tmp / "src", args.n, size=args.size, shuffle=False)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{args.n} instances, {args.size}x{args.size} 16-bit, {mb:.0f} MB, one association, TCP_NODELAY=1")
-        ratios = []
+        ratios, cpus = [], []
         for r in range(args.rounds):
             ref = dcmtk_rate(files, tmp)
-            ours = ainode_rate(files, tmp)
+            ours, cpu_ms = ainode_rate(files, tmp)
             ratios.append(ours / ref)
+            cpus.append(cpu_ms)
             print(f"round {r + 1}: DCMTK storescp {ref:6.1f} inst/s   ainode {ours:6.1f} inst/s   "
-                  f"ratio {ours / ref:.2f}")
+                  f"ratio {ours / ref:.2f}   listener CPU {cpu_ms:.2f} ms/instance")
         print(f"median ratio ainode/storescp: {sorted(ratios)[len(ratios) // 2]:.2f}")
+        print(f"median listener CPU per instance: {sorted(cpus)[len(cpus) // 2]:.2f} ms")
         print(f"this disk: write + fdatasync of one {mb * 1e6 / args.n / 1024:.0f} KiB instance "
               f"{flush_ms(tmp, int(mb * 1e6 / args.n)):.2f} ms (median of 50)")
 
