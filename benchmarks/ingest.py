@@ -3,10 +3,10 @@
     python benchmarks/ingest.py [--n 500] [--size 512] [--rounds 3]
 
 Both receivers write every instance to disk. ainode also flushes each instance (one fdatasync: see
-node/spool.py) and indexes it before answering; DCMTK does not flush at all. Also printed: the
-listener process's CPU time per instance, which a loaded machine disturbs far less than the rate. Prints instances/s of
+node/spool.py) and indexes it before answering; DCMTK does not flush at all. Prints instances/s of
 both and the ratio per round (machines here are noisy: compare the ratio, not the absolute numbers),
-and, for context, what one fdatasync of an instance-sized file costs on this disk.
+the listener process's CPU time per instance (which a loaded machine disturbs far less than the
+rate), and, for context, what one fdatasync of an instance-sized file costs on this disk.
 """
 
 from __future__ import annotations
