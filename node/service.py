@@ -124,9 +124,12 @@ class Listener:
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 if self.state.one("SELECT 1 FROM instances WHERE sop_uid=?", (str(ds.SOPInstanceUID),)):
-                    # the UID is indexed under another path: this copy was never acknowledged (node.duplicates)
-                    log.warning("spool file %s duplicates an indexed SOP Instance UID elsewhere: removed", path)
-                    path.unlink(missing_ok=True)
+                    # the UID is indexed under another study or series (written by a version before
+                    # node.duplicates): set aside for IT staff, out of the spool, never processed as this study
+                    aside = self.storage / "quarantine" / path.relative_to(self.spool.root)
+                    aside.parent.mkdir(parents=True, exist_ok=True)
+                    path.rename(aside)
+                    log.warning("spool file %s reuses a SOP Instance UID stored elsewhere: moved to %s", path, aside)
                     continue
                 self.state.record_instance(
                     study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
