@@ -105,3 +105,23 @@ def test_replace_swaps_the_file_and_runs_the_study_again(node_factory, tmp_path:
     assert rerun["state"] == "done"
     assert n.result(rerun["job_id"])["details"]["series"][0]["sha256"] != before, "the new content was processed"
     assert s["instances"] == 2
+
+
+def test_a_spool_file_reusing_an_indexed_uid_is_set_aside_at_start(node_factory, tmp_path: Path) -> None:
+    """As an older version left them: a second study's file under a SOP Instance UID already indexed."""
+    n = node_factory()
+    first = study(tmp_path / "d", n=1, seed=3)
+    send(n, first)
+    n.wait_study(str(first[0].StudyInstanceUID))
+    n.stop()
+    intruder = changed(first[0])
+    intruder.StudyInstanceUID, intruder.SeriesInstanceUID = generate_uid(), generate_uid()
+    planted = n.storage / "spool" / str(intruder.StudyInstanceUID) / str(intruder.SeriesInstanceUID) / \
+        f"{intruder.SOPInstanceUID}.dcm"
+    planted.parent.mkdir(parents=True)
+    intruder.save_as(planted, enforce_file_format=True)
+    n.start()
+    aside = n.storage / "quarantine" / planted.relative_to(n.storage / "spool")
+    assert aside.exists() and not planted.exists()
+    assert n.study(str(intruder.StudyInstanceUID)) is None, "never indexed, never processed"
+    wait_for(lambda: "reuses a SOP Instance UID stored elsewhere" in n.log_text(), 5)
