@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 
 from node.assembly import CompletionRule
 from node.config import Config, RouteConfig
+from node.policy import job_options, job_policy
 from node.routing import route
 from node.state import State
 from node.tasks import JobSpec, send_job
@@ -130,10 +131,8 @@ class JobManager:
         from pipelines.registry import pipeline_class
 
         r = self._routes.get(job["route"])
-        options: dict[str, Any] = dict(self.cfg.pipelines.get(job["pipeline"], {}))
-        if r is not None:
-            options.update(r.options)
-        options.setdefault("allow_unverified_models", self.cfg.node.allow_unverified_models)
+        options = job_options(self.cfg, r, job["pipeline"])
+        policy = job_policy(self.cfg, r, job["pipeline"], options)  # decided once, here, for every output
         language = r.language if r else "en"
         sr_class = "comprehensive"
         if r is not None:
@@ -153,6 +152,7 @@ class JobManager:
             outbox_dir=str(self.storage / "outbox" / job["job_id"]),
             options=options, language=language, sr_class=sr_class, encode=bool(r and r.destinations),
             device_uid=self.device_uid, critical=dict(r.critical) if r else {},
+            thresholds=dict(r.thresholds) if r else {}, policy=policy.to_dict() if policy else None,
             predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]))
         return spec, queue
 

@@ -52,6 +52,10 @@ def build_kos(result: PipelineResult, sources: list[Source], key: ImageRef | Non
     images = [s.header for r in _key_refs(result, key) if (s := find(sources, r.sop_instance_uid)) is not None]
     referenced = images + list(objects)
     text = NOT_FOR_DIAGNOSIS + (f"; {UNVERIFIED_TEXT}" if result.unverified else "")
+    critical = [f.name(ctx.language) for f in result.findings if f.critical and f.present]
+    critical += [f"{e.name.meaning}: {e.value.meaning}" for e in result.evaluations if e.critical]
+    if critical:  # the flags as the pipeline set them: the reader sees why the study was selected
+        text += ". CRITICAL: " + "; ".join(critical)
     content = KeyObjectSelection(document_title=C.OF_INTEREST, referenced_objects=referenced,
                                  observer_device_context=device_observer(result, ctx),
                                  description=f"{text}. {result.pipeline}"[:1024])
