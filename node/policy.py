@@ -51,19 +51,21 @@ def job_policy(cfg: Config, route: RouteConfig | None, pipeline: str,
     if vocab is None:
         return None
     path = f"routes.{route.name}" if route is not None else "route"
-    policy, problems = resolve(vocab, route.critical if route else {}, route.thresholds if route else {},
-                               strict=False, path=path)
-    for where, message in problems:
-        if not _known_elsewhere(cfg, route, pipeline, where):
+    critical = route.critical if route else {}
+    thresholds = route.thresholds if route else {}
+    policy, problems = resolve(vocab, critical, thresholds, strict=False, path=path)
+    unknown = {f"{path}.{section}.{k}": k for section, keys in (("critical", critical), ("thresholds", thresholds))
+               for k in keys if not vocab.match(k)}
+    for where, message in problems:  # a key another pipeline of the route knows is not a problem here
+        if where not in unknown or not _known_elsewhere(cfg, route, pipeline, unknown[where]):
             log.error("%s: %s", where, message)
     return policy
 
 
-def _known_elsewhere(cfg: Config, route: RouteConfig | None, pipeline: str, where: str) -> bool:
+def _known_elsewhere(cfg: Config, route: RouteConfig | None, pipeline: str, key: str) -> bool:
     """A key another pipeline of the same route knows is not a problem for this one."""
     if route is None or len(route.pipelines) < 2:
         return False
-    key = where.split(".", 3)[-1]
     for other in route.pipelines:
         if other == pipeline:
             continue

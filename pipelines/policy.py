@@ -52,9 +52,11 @@ class Vocabulary:
         return [ln.label for ln in self.labels if any(_norm(n) == k for n in ln.names())]
 
     def valid_names(self) -> list[str]:
-        out: list[str] = []
+        """One entry per label: ``label`` or ``label / display name``, then ``[code]``."""
+        out = []
         for ln in self.labels:
-            out += [n for n in (ln.label, ln.display, ln.code) if n and n not in out]
+            text = ln.label + (f" / {ln.display}" if ln.display and _norm(ln.display) != _norm(ln.label) else "")
+            out.append(text + (f" [{ln.code}]" if ln.code else ""))
         return out
 
 
@@ -114,7 +116,7 @@ def unknown_key_message(key: Any, vocabularies: list[Vocabulary]) -> str:
     names = [n for v in vocabularies for n in v.valid_names()]
     models = ", ".join(v.model for v in vocabularies)
     return (f"{key!r} names no label of model {models}; use a manifest label, display name or code: "
-            + ", ".join(names))
+            + "; ".join(names))
 
 
 def resolve(vocab: Vocabulary, critical: dict[str, float | None] | None = None,
