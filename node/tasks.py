@@ -16,10 +16,13 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Queue
+
+if TYPE_CHECKING:
+    from pipelines.policy import CriticalPolicy
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path) -> dict[str, Any]:
     return summary
 
 
-def _policy(spec: JobSpec, pipeline: Any) -> Any:
+def _policy(spec: JobSpec, pipeline: Any) -> CriticalPolicy | None:
     """The job's critical policy: as the listener resolved it, else resolved here from the route's keys.
 
     Either way it is decided before the pipeline runs; the pipeline flags each finding from it and every

@@ -2,9 +2,10 @@
 
 Slice scores become study findings the way slice-wise CT classifiers (RSNA intracranial haemorrhage
 style) are meant to be read: per label, aggregate over slices (max or top-k mean), band with the
-manifest's thresholds, flag critical with the manifest's ``critical`` thresholds, and point at the
-top-scoring slices so the radiologist lands on them (key images, per-slice probabilities in the SR,
-and a montage of those slices in the Secondary Capture).
+job's policy (the manifest's ``thresholds`` and ``critical`` levels, overridden by the route, decided
+once before the run: ``pipelines.policy``), and point at the top-scoring slices so the radiologist
+lands on them (key images, per-slice probabilities in the SR, and a montage of those slices in the
+Secondary Capture).
 """
 
 from __future__ import annotations
