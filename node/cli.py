@@ -255,6 +255,7 @@ def status_data(cfg: Config, limit: int = 200) -> dict[str, Any]:
             "finished": max((j["finished"] or 0 for j in jobs), default=None) or None,
             "errors": [j["error"] for j in jobs if j["error"]] + ([s["error"]] if s["error"] else []),
             "jobs": jobs,
+            "critical_findings": _critical_findings(conn, s["study_uid"]),
         }
         if "deliveries" in tables:
             entry["delivery"] = _delivery_summary(conn, s["study_uid"])
@@ -273,6 +274,20 @@ def status_data(cfg: Config, limit: int = 200) -> dict[str, Any]:
     conn.close()
     return {"node": {"ae_title": cfg.node.ae_title, "port": cfg.node.port,
                      "storage_dir": str(cfg.node.storage_dir)}, "studies": studies}
+
+
+def _critical_findings(conn: Any, study_uid: str) -> list[str]:
+    """Names of the findings the latest finished job of each pipeline flagged critical (its summary's flags)."""
+    latest: dict[str, Any] = {}
+    for j in conn.execute("SELECT pipeline, summary FROM jobs WHERE study_uid=? AND summary IS NOT NULL"
+                          " ORDER BY finished", (study_uid,)):
+        latest[j["pipeline"]] = j["summary"]
+    names: list[str] = []
+    for summary in latest.values():
+        for f in json.loads(summary).get("findings", []):
+            if f.get("critical") and f.get("present") and f["label"] not in names:
+                names.append(f["label"])
+    return names
 
 
 def _delivery_summary(conn: Any, study_uid: str) -> dict[str, Any]:
@@ -313,6 +328,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{_ts(s['first_received']):>8} {_ts(s['completed']):>8} {_ts(s['finished']):>8}  {jobs}")
         for e in s["errors"]:
             print(f"{'':<40} error: {e}")
+        if s.get("critical_findings"):
+            print(f"{'':<40} critical: {'; '.join(s['critical_findings'])}")
         for dest, d in (s.get("delivery") or {}).items():
             states = ", ".join(f"{k} {v}" for k, v in sorted(d["states"].items()))
             err = f"; last error: {d['last_error']}" if d["last_error"] and not d["delivered"] else ""
@@ -343,6 +360,16 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except OSError as exc:
         print(f"{path}: cannot read: {exc}")
+        return EXIT_CONFIG
+    from node.policy import route_policy_problems
+
+    policy_problems, notes = route_policy_problems(cfg)  # critical:/thresholds: keys against the manifests
+    for note in notes:
+        print(f"{path}: note: {note}", file=sys.stderr)
+    if policy_problems:
+        for p in policy_problems:
+            print(f"{path}: {p}")
+        print(f"{len(policy_problems)} problem(s) found", file=sys.stderr)
         return EXIT_CONFIG
     print(f"{path}: OK ({len(cfg.peers)} peer(s), {len(cfg.destinations)} destination(s), "
           f"{len(cfg.routes)} route(s))")

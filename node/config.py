@@ -157,9 +157,18 @@ class RouteConfig(_Strict):
     # label -> probability threshold at which a present finding is critical (null: never critical on this
     # route); labels not listed keep the model manifest's operating point
     critical: dict[str, float | None] = {}
+    # label -> {possible, present} (or one number for both): when a finding counts as possible / present on
+    # this route. Keys of critical: and thresholds: may be the manifest label, the display name or the code.
+    thresholds: dict[str, dict[Literal["possible", "present"], float] | float] = {}
     continue_: bool = Field(False, alias="continue")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("critical", "thresholds", mode="before")
+    @classmethod
+    def _label_keys(cls, v: Any) -> Any:
+        """A SNOMED code written unquoted (``36118008: 0.3``) is read by YAML as a number."""
+        return {str(k): x for k, x in v.items()} if isinstance(v, dict) else v
 
     @field_validator("match")
     @classmethod

@@ -555,9 +555,12 @@ class DeliveryService:
 
     # ------------------------------------------------------------------ work
     def _due(self, destination: str, now: float, limit: int) -> list[Item]:
+        """Rows to attempt now, stat first. Pending stat rows ride on every attempt to their destination,
+        even before their own backoff ends: when a PACS comes back, the first association carries the
+        critical results ahead of routine ones that were queued (and due) earlier."""
         rows = self.state.query(
-            "SELECT * FROM deliveries WHERE state=? AND destination=? AND next_attempt<=?"
-            " ORDER BY priority, next_attempt, id LIMIT ?", (PENDING, destination, now, limit))
+            "SELECT * FROM deliveries WHERE state=? AND destination=? AND (next_attempt<=? OR priority=?)"
+            " ORDER BY priority, next_attempt, id LIMIT ?", (PENDING, destination, now, PRIORITY["stat"], limit))
         return [Item(r["id"], r["destination"], r["sop_uid"], r["sop_class_uid"], r["transfer_syntax"], r["study_uid"],
                      self._abs_path(r["path"]), r["priority"], r["attempts"], r["created"]) for r in rows]
 

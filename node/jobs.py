@@ -25,6 +25,7 @@ from node.duplicates import replaced_counts
 from node.faults import fault_point
 from node.lease import expired as lease_expired
 from node.lease import redis_client
+from node.policy import job_options, job_policy
 from node.routing import route
 from node.state import State
 from node.tasks import JobSpec, send_job
@@ -139,10 +140,8 @@ class JobManager:
         from pipelines.registry import pipeline_class
 
         r = self._routes.get(job["route"])
-        options: dict[str, Any] = dict(self.cfg.pipelines.get(job["pipeline"], {}))
-        if r is not None:
-            options.update(r.options)
-        options.setdefault("allow_unverified_models", self.cfg.node.allow_unverified_models)
+        options = job_options(self.cfg, r, job["pipeline"])
+        policy = job_policy(self.cfg, r, job["pipeline"], options)  # decided once, here, for every output
         language = r.language if r else "en"
         sr_class = "comprehensive"
         if r is not None:
@@ -162,6 +161,7 @@ class JobManager:
             outbox_dir=str(self.storage / "outbox" / job["job_id"]),
             options=options, language=language, sr_class=sr_class, encode=bool(r and r.destinations),
             device_uid=self.device_uid, critical=dict(r.critical) if r else {},
+            thresholds=dict(r.thresholds) if r else {}, policy=policy.to_dict() if policy else None,
             predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]),
             lease_s=float(self.cfg.workers.lease_seconds))
         return spec, queue

@@ -113,12 +113,33 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, s
     return PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
+def _nested(ds: Dataset, kw: str) -> Any:
+    """A route keyword missing at the top level, from the items of top-level sequences: modalities copy
+    worklist attributes such as RequestedProcedurePriority into RequestAttributesSequence. All values found."""
+    found: list[str] = []
+    for elem in ds:
+        if elem.VR != "SQ" or elem.keyword == "PixelData":
+            continue
+        for item in elem.value or []:
+            try:
+                inner = item.data_element(kw)
+            except Exception:
+                continue
+            if inner is not None and inner.VR != "SQ" and inner.value not in (None, ""):
+                v = inner.value
+                found += [str(x) for x in v] if type(v).__name__ == "MultiValue" else [str(v)]
+    return found or None
+
+
 def series_tags(ds: Dataset, extra: set[str]) -> dict[str, Any]:
     tags: dict[str, Any] = {}
     for kw in set(SERIES_KEYWORDS) | extra:
         try:
             elem = ds.data_element(kw)
         except Exception:
+            elem = None
+        if elem is None and kw in extra and (nested := _nested(ds, kw)) is not None:
+            tags[kw] = nested
             continue
         if elem is None or elem.VR == "SQ":
             continue

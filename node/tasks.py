@@ -16,12 +16,15 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Queue
 
 from node.lease import Lease, LeaseLost, redis_client
+
+if TYPE_CHECKING:
+    from pipelines.policy import CriticalPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,12 @@ class JobSpec:
     sr_class: str = "comprehensive"
     predecessors: list[dict[str, str]] = field(default_factory=list)
     device_uid: str = ""  # the node's Device Observer UID: the same on every report this node writes
-    critical: dict[str, float | None] = field(default_factory=dict)  # the route's critical policy
     lease_s: float = 0.0  # workers.lease_seconds: the attempt holds a renewed lease in Redis (node.lease); 0 = none
+    critical: dict[str, float | None] = field(default_factory=dict)  # the route's critical: keys, as written
+    thresholds: dict[str, Any] = field(default_factory=dict)  # the route's thresholds: keys, as written
+    #: The effective policy the listener resolved (``CriticalPolicy.to_dict``); None when the listener could
+    #: not read the model's manifest: the worker resolves ``critical``/``thresholds`` itself, same rules.
+    policy: dict[str, Any] | None = None
 
 
 def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 3,
@@ -176,6 +183,7 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path, lease: Lease | None =
 
         study = load_study(spec.paths, options=spec.options, language=spec.language,
                            pixels=getattr(pipeline, "needs_pixels", True))
+        study.policy = _policy(spec, pipeline)
         pipeline.check(study)
         result = pipeline.run(study)
     except Refused as exc:
@@ -183,7 +191,6 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path, lease: Lease | None =
     except ModelUnavailable as exc:
         result = PipelineResult(spec.pipeline, getattr(pipeline, "version", ""), status="model_unavailable",
                                 reason=str(exc))
-    apply_critical_policy(result, spec.critical)
     t_run = time.time()
     result.save(out)
     # tell the listener now: a critical finding is announced before encoding and validation finish
@@ -209,15 +216,28 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path, lease: Lease | None =
     return summary
 
 
-def apply_critical_policy(result: Any, policy: dict[str, float | None]) -> None:
-    """The route decides what is critical; a label it does not name keeps the manifest's operating point."""
-    for f in result.findings:
-        key = next((k for k in (f.label, f.code.meaning) if k in policy), None)
-        if key is None:
-            continue
-        threshold = policy[key]
-        f.critical = bool(threshold is not None and f.present and f.probability is not None
-                          and f.probability >= threshold)
+def _policy(spec: JobSpec, pipeline: Any) -> CriticalPolicy | None:
+    """The job's critical policy: as the listener resolved it, else resolved here from the route's keys.
+
+    Either way it is decided before the pipeline runs; the pipeline flags each finding from it and every
+    output reads the flags (nothing re-decides after the run)."""
+    from pipelines.policy import CriticalPolicy, resolve
+
+    if spec.policy is not None:
+        return CriticalPolicy.from_dict(spec.policy)
+    if not spec.critical and not spec.thresholds:
+        return None  # the pipeline uses the manifest it loads
+    try:
+        vocab = pipeline.vocabulary(spec.options)
+    except Exception as exc:  # no manifest: the pipeline reports the model unavailable
+        log.warning("job %s: route critical policy not applied: %s", spec.job_id, exc)
+        return None
+    if vocab is None:
+        return None
+    policy, problems = resolve(vocab, spec.critical, spec.thresholds, strict=False)
+    for where, message in problems:
+        log.warning("job %s: %s: %s", spec.job_id, where, message)
+    return policy
 
 
 def _encode(result: Any, spec: JobSpec) -> tuple[list[str], str]:

@@ -41,6 +41,11 @@ def health(listener: Listener) -> tuple[bool, dict[str, Any]]:
     return ok, checks
 
 
+def _label(value: object) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def metrics(listener: Listener) -> str:
     st = listener.state
     lines = ["# HELP ainode_studies Studies by state.", "# TYPE ainode_studies gauge"]
@@ -63,6 +68,14 @@ def metrics(listener: Listener) -> str:
                   "# TYPE ainode_notifications gauge"]
         for r in st.query("SELECT channel, state, COUNT(*) n FROM notify_deliveries GROUP BY channel, state"):
             lines.append(f'ainode_notifications{{channel="{r["channel"]}",state="{r["state"]}"}} {r["n"]}')
+    lines += ["# HELP ainode_critical_findings Findings flagged critical by finished jobs, by pipeline and finding.",
+              "# TYPE ainode_critical_findings gauge"]
+    for r in st.query("SELECT j.pipeline, json_extract(f.value, '$.label') AS finding, COUNT(*) n FROM jobs j,"
+                      " json_each(j.summary, '$.findings') f WHERE j.summary IS NOT NULL"
+                      " AND json_extract(f.value, '$.critical') AND json_extract(f.value, '$.present')"
+                      " GROUP BY j.pipeline, finding"):
+        lines.append(f'ainode_critical_findings{{pipeline="{_label(r["pipeline"])}",finding="{_label(r["finding"])}"}}'
+                     f' {r["n"]}')
     lines += ["# TYPE ainode_disk_free_bytes gauge",
               f"ainode_disk_free_bytes {shutil.disk_usage(listener.spool.root).free}"]
     return "\n".join(lines) + "\n"

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 
+from pipelines.policy import CriticalPolicy, Vocabulary
+
 try:  # only for type hints; pipelines may read headers but never write DICOM
     from pydicom import Dataset
 except ImportError:  # pragma: no cover
@@ -304,6 +306,9 @@ class StudyInput:
     tags: dict[str, Any] = field(default_factory=dict)  # study-level keywords of the first instance
     options: dict[str, Any] = field(default_factory=dict)  # route options + pipelines.<name> config
     language: str = "en"
+    #: The job's critical policy (manifest overridden by the route), resolved when the job was built;
+    #: None: the model manifest's own operating points (a pipeline run outside the node).
+    policy: CriticalPolicy | None = None
 
     def by_modality(self, *modalities: str) -> list[SeriesInput]:
         return [s for s in self.series if s.modality in modalities]
@@ -359,6 +364,12 @@ class Pipeline(ABC):
             raise Refused(f"{self.name} needs at least {self.min_instances} images; got {n}")
         if self.max_instances is not None and n > self.max_instances:
             raise Refused(f"{self.name} accepts at most {self.max_instances} images; got {n}")
+
+    def vocabulary(self, options: dict[str, Any]) -> Vocabulary | None:
+        """The labels of the model these options select, with every name a route may use for them, and the
+        manifest's thresholds; None for a pipeline without labelled findings. Reads the manifest only (the
+        listener calls it when it builds a job); raises ModelUnavailable when there is no manifest."""
+        return None
 
     def refused(self, reason: str) -> PipelineResult:
         return PipelineResult(self.name, self.version, status="refused", reason=reason)

@@ -52,9 +52,13 @@ def build_kos(result: PipelineResult, sources: list[Source], key: ImageRef | Non
     images = [s.header for r in _key_refs(result, key) if (s := find(sources, r.sop_instance_uid)) is not None]
     referenced = images + list(objects)
     text = NOT_FOR_DIAGNOSIS + (f"; {UNVERIFIED_TEXT}" if result.unverified else "")
+    critical = [f.name(ctx.language) for f in result.findings if f.critical and f.present]
+    critical += [f"{e.name.meaning}: {e.value.meaning}" for e in result.evaluations if e.critical]
+    # the flags as the pipeline set them: the reader sees why the study was selected
+    flagged = (". CRITICAL: " + "; ".join(critical)) if critical else ""
     content = KeyObjectSelection(document_title=C.OF_INTEREST, referenced_objects=referenced,
                                  observer_device_context=device_observer(result, ctx),
-                                 description=f"{text}. {result.pipeline}"[:1024])
+                                 description=f"{text}. {result.pipeline}{flagged}"[:1024])
     kos = KeyObjectSelectionDocument(
         evidence=referenced, content=content, series_instance_uid=new_uid(), series_number=ctx.series_number(3),
         sop_instance_uid=new_uid(), instance_number=1, manufacturer=ctx.manufacturer,

@@ -2,9 +2,10 @@
 
 Slice scores become study findings the way slice-wise CT classifiers (RSNA intracranial haemorrhage
 style) are meant to be read: per label, aggregate over slices (max or top-k mean), band with the
-manifest's thresholds, flag critical with the manifest's ``critical`` thresholds, and point at the
-top-scoring slices so the radiologist lands on them (key images, per-slice probabilities in the SR,
-and a montage of those slices in the Secondary Capture).
+job's policy (the manifest's ``thresholds`` and ``critical`` levels, overridden by the route, decided
+once before the run: ``pipelines.policy``), and point at the top-scoring slices so the radiologist
+lands on them (key images, per-slice probabilities in the SR, and a montage of those slices in the
+Secondary Capture).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from pipelines.base import (
     SeriesInput,
     StudyInput,
 )
-from pipelines.models import ModelRunner, band
+from pipelines.models import Manifest, ModelRunner, resolve_manifest
+from pipelines.policy import LabelNames, Vocabulary, effective
 
 from .montage import render_montage
 from .preprocess import iter_batches
-from .spec import ClassifierSpec, load_classifier
+from .spec import ClassifierSpec, load_classifier, split_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,14 @@ def _activate(out: np.ndarray, activation: str) -> np.ndarray:
     return out
 
 
+def classifier_vocabulary(manifest: Manifest, spec: ClassifierSpec) -> Vocabulary:
+    """Each label as the manifest spells it, its display name and its code (``classifier.labels``)."""
+    labels = [LabelNames(label, display=spec.display(label, "en"), code=spec.code(label).value,
+                         other=[spec.code(label).meaning, spec.display(label, "zh")]) for label in manifest.labels]
+    return Vocabulary(manifest.name, labels, critical=dict(manifest.critical),
+                      thresholds={k: (t.possible, t.present) for k, t in manifest.thresholds.items()})
+
+
 def _whole_slice(ref: ImageRef, rows: int, cols: int, label: str) -> Region:
     """The score belongs to the whole slice, so its SR region is the image outline, not an invented point."""
     pts = [(0.0, 0.0), (cols - 1.0, 0.0), (cols - 1.0, rows - 1.0), (0.0, rows - 1.0), (0.0, 0.0)]
@@ -104,6 +114,13 @@ class ClassifierPipeline(Pipeline):
         return load_classifier(o.get("model") or DEFAULT_MODEL, weights_dir=o.get("weights_dir"),
                                allow_unverified=bool(o.get("allow_unverified_models", False)),
                                providers=o.get("providers"))
+
+    def vocabulary(self, options: dict[str, Any]) -> Vocabulary:
+        o = {**self.options, **options}
+        path = resolve_manifest(o.get("model") or DEFAULT_MODEL, o.get("weights_dir"))
+        if not path.is_file():
+            raise ModelUnavailable(f"model {o.get('model') or DEFAULT_MODEL!s}: no manifest at {path}")
+        return classifier_vocabulary(*split_manifest(path))
 
     def series_for(self, study: StudyInput, spec: ClassifierSpec) -> tuple[list[SeriesInput], list[str]]:
         """Eligible series and, for each one left out, why (shown in status when nothing is left)."""
@@ -181,12 +198,12 @@ class ClassifierPipeline(Pipeline):
         findings: list[Finding] = []
         measurements: list[Measurement] = []
         reported: list[int] = []
+        policy, notes = effective(study.policy, classifier_vocabulary(manifest, spec))
         for j, label in enumerate(labels):
             p = float(study_probs[j])
-            certainty = band(p, manifest, label)
+            certainty = policy.band(p, label)
             present = certainty == "present"
-            crit_t = manifest.critical.get(label)
-            critical = present and crit_t is not None and p >= crit_t
+            critical = policy.is_critical(label, present, p)
             display = spec.display(label, "en")
             top = top_slices(j)
             key = [scored[si].series.frames[i] for si, i in top] if certainty != "absent" else []
@@ -237,8 +254,10 @@ class ClassifierPipeline(Pipeline):
                                  "sop_instance_uids": [f.sop_instance_uid for f in sc.series.frames],
                                  "probabilities": {label: [round(float(v), 5) for v in sc.probs[:, j]]
                                                    for j, label in enumerate(labels)}} for sc in scored],
-                     "aggregation": spec.aggregation.model_dump(), "providers": runner.providers},
+                     "aggregation": spec.aggregation.model_dump(), "providers": runner.providers,
+                     "critical_policy": policy.to_dict()},
         )
+        result.warnings += notes
         if result.unverified:
             result.warnings.append(f"model {manifest.name} {manifest.version} is not verified (verified: false); "
                                    "results are marked UNVERIFIED")

@@ -43,11 +43,27 @@ from pipelines.cxr import report as tpl
 from pipelines.cxr.labeller import check_consistency
 from pipelines.cxr.labels import Concept, concept_for
 from pipelines.cxr.preprocess import ImageRefused, Prepared, prepare
-from pipelines.models import ModelRunner, band, load_model
+from pipelines.models import Manifest, ModelRunner, load_manifest, load_model, resolve_manifest
+from pipelines.policy import LabelNames, Vocabulary, effective
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "xrv-densenet121-res224-all"
+
+
+def cxr_vocabulary(m: Manifest) -> Vocabulary:
+    """Each label's manifest spelling, the name the report and SR use, and its code."""
+    labels = []
+    for label in m.labels:
+        if not label:
+            continue
+        c = concept_for(label)
+        if c is None:
+            labels.append(LabelNames(label, code=f"CXR-{label.upper().replace(' ', '_')}"))
+        else:
+            labels.append(LabelNames(label, display=tpl._cap(c.en), code=c.code.value, other=[c.code.meaning, c.zh]))
+    return Vocabulary(m.name, labels, critical=dict(m.critical),
+                      thresholds={k: (t.possible, t.present) for k, t in m.thresholds.items()})
 
 
 @dataclass
@@ -80,6 +96,11 @@ class CXRPipeline(Pipeline):
         return load_model(self._opt(study, "model", DEFAULT_MODEL), weights_dir=self._opt(study, "weights_dir"),
                           allow_unverified=_truthy(self._opt(study, "allow_unverified_models", False)),
                           providers=self._opt(study, "providers"))
+
+    def vocabulary(self, options: dict[str, Any]) -> Vocabulary:
+        o = {**self.options, **options}
+        path = resolve_manifest(o.get("model") or DEFAULT_MODEL, o.get("weights_dir"))
+        return cxr_vocabulary(load_manifest(path))
 
     # ---------------------------------------------------------------- images
     def prepare_images(self, study: StudyInput, runner_spec: Any) -> tuple[list[PreparedImage], list[str]]:
@@ -134,6 +155,9 @@ class CXRPipeline(Pipeline):
         # procedure left None: the results writer picks the code each SR template accepts for CR/DX
         result = PipelineResult(self.name, self.version, model=runner.identity)
         result.key_images = [im.ref for im in images]
+        policy, notes = effective(study.policy, cxr_vocabulary(m))
+        result.warnings += notes
+        result.details["critical_policy"] = policy.to_dict()
         if refused:
             result.warnings.append("images not analysed: " + "; ".join(refused))
         calls: list[tpl.LabelCall] = []
@@ -143,9 +167,8 @@ class CXRPipeline(Pipeline):
                 continue
             k = int(np.argmax(probs[:, j]))  # the study's strongest image for this label speaks for it
             p = float(probs[k, j])
-            b = band(p, m, label)
-            crit_thr = m.critical.get(label)
-            critical = b == "present" and crit_thr is not None and p >= crit_thr
+            b = policy.band(p, label)
+            critical = policy.is_critical(label, b == "present", p)
             concept = concept_for(label)
             per_label[label] = {"probability": round(p, 4), "band": b, "image": k}
             if concept is None:
@@ -168,8 +191,8 @@ class CXRPipeline(Pipeline):
                 code=concept.code, label=tpl._cap(concept.en), names={"zh": concept.zh},
                 present=b == "present", probability=p, certainty=b,
                 critical=critical, site=concept.site, regions=regions, key_images=[images[k].ref],
-                note=f"model label {label!r}; thresholds possible {m.threshold(label).possible:g}, "
-                     f"present {m.threshold(label).present:g}"))
+                note=f"model label {label!r}; thresholds possible {policy.bands(label)[0]:g}, "
+                     f"present {policy.bands(label)[1]:g}"))
 
         languages = tuple(self._opt(study, "languages", None) or ("en", "zh"))
         narrative, report_details = self._report(study, calls, images, languages, result)
