@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.dcmtk import StoreSCP  # noqa: E402
 from support.dicomgen import copy_with_new_uids, ct_series, sample_file  # noqa: E402
 from support.node import NodeProcess, base_config, free_port, wait_for  # noqa: E402
+from support.tmpfs import tmpfs  # noqa: E402
 
 RESULTS_PER_STUDY = 3  # echo: measurement SR, narrative SR, summary SC (no findings, no KOS)
 ENV = dict(os.environ, TCP_NODELAY="1")
@@ -88,32 +88,6 @@ class Run:
     samples: list[dict[str, Any]] = field(default_factory=list)
     arrivals: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-# --------------------------------------------------------------------------------------------- capped disk
-@contextlib.contextmanager
-def capped_dir(path: Path, mb: int) -> Iterator[str]:
-    """A tmpfs of ``mb`` MB at ``path``: a file system that is really full at its size, not a simulated quota.
-    Needs root (or password-less sudo); says how it was made."""
-    path.mkdir(parents=True, exist_ok=True)
-    cmd = ["mount", "-t", "tmpfs", "-o", f"size={mb}m,mode=0755", "tmpfs", str(path)]
-    prefix: list[str] = []
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 and shutil.which("sudo"):
-        prefix = ["sudo", "-n"]
-        r = subprocess.run(prefix + cmd, capture_output=True, text=True)
-        if r.returncode == 0:
-            subprocess.run(prefix + ["chown", f"{os.getuid()}:{os.getgid()}", str(path)], check=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"cannot mount a {mb} MB tmpfs at {path} ({r.stderr.strip()}): the soak needs root "
-                           "or password-less sudo to cap the storage_dir honestly")
-    try:
-        yield f"tmpfs {mb} MB ({'mounted with sudo' if prefix else 'mounted as root'})"
-    finally:
-        for _ in range(20):
-            if subprocess.run(prefix + ["umount", str(path)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------------------------- senders
@@ -361,7 +335,7 @@ def soak(o: Options) -> tuple[list[str], dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="ainode-soak-") as d:
         tmp = Path(d)
         storage = tmp / "var"
-        with capped_dir(storage, o.fs_mb) as how:
+        with tmpfs(storage, o.fs_mb) as how:
             return _soak(o, tmp, storage, how)
 
 

@@ -119,7 +119,7 @@ class Lifecycle:
         node = self.cfg.node
         now = time.time() if now is None else now
         commit = {d.name for d in self.cfg.destinations if d.storage_commitment and d.kind == "dicom"}
-        clean_outbox(self.state, self.storage, commit, node.outbox_audit_hours)
+        clean_outbox(self.state, self.storage, commit, node.outbox_audit_hours, now)
         found = assess(self.state.query, self.cfg, now)
         gone: set[str] = set()
         for c in found.expired(now):

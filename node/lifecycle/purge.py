@@ -202,12 +202,12 @@ def sr_references(files: list[str]) -> list[dict[str, str]]:
     return refs
 
 
-def clean_outbox(state: State, storage: Path, commit_dests: set[str], audit_hours: float) -> list[str]:
+def clean_outbox(state: State, storage: Path, commit_dests: set[str], audit_hours: float,
+                 now: float | None = None) -> list[str]:
     """Delete ``outbox/<job_id>/`` as soon as every destination confirmed every object of the job (stored, and
     committed where commitment is on), or ``audit_hours`` after that. Before the files go, the SR references a
     superseding report will need are kept in the job's summary."""
-    now = time.time()
-    cutoff = now - audit_hours * 3600.0
+    cutoff = (time.time() if now is None else now) - audit_hours * 3600.0
     removed: list[str] = []
     outbox = storage / "outbox"
     if state.one("SELECT 1 FROM sqlite_master WHERE type='table' AND name='deliveries'"):
