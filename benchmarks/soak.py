@@ -95,7 +95,7 @@ def _storescu(port: int, files: list[Path]) -> tuple[bool, int, str]:
     r = subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY1", "-aec", "AINODE", "127.0.0.1", str(port),
                         *map(str, files)], capture_output=True, text=True, env=ENV, timeout=300)
     text = r.stdout + r.stderr
-    a700 = text.lower().count("0xa7")
+    a700 = max(text.lower().count("0xa7"), int(r.returncode == 0xA7))  # storescu exits with the status >> 8
     return r.returncode == 0 and "Store Failed" not in text and not a700, a700, text[-500:] if r.returncode else ""
 
 

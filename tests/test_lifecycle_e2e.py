@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -121,29 +122,36 @@ def test_full_disk_says_why_and_the_watermark_frees_it(node_factory, tmp_path: P
     storage = tmp_path / "var"
     pacs = StoreSCP(tmp_path / "pacs", aet="PACS")  # down: nothing can be delivered, so nothing is deletable
     web = free_port()
-    with tmpfs(storage, 48):
-        cfg = _config(tmp_path, storage, pacs.port, retention_hours=24, min_free_disk_mb=14,
+    with tmpfs(storage, 160):
+        cfg = _config(tmp_path, storage, pacs.port, retention_hours=24, min_free_disk_mb=32,
                       disk_high_water_percent=60, disk_low_water_percent=35, web_port=web)
         node = node_factory(config=cfg)
         try:
             sent: list[str] = []
             refused = None
-            for i in range(30):  # 2.1 MB a study; 48 MB with 14 MB kept free: full after ~15
-                files = ct_series(tmp_path / f"ct{i}", 8, size=256, seed=i, shuffle=False)
+            # 21 MB a study, and 3-4 MB of results in the outbox (the SC is 1024 pixels wide): full after ~5.
+            # Each study is processed before the next is sent, so the outbox never eats the reserved 32 MB.
+            for i in range(12):
+                files = ct_series(tmp_path / f"ct{i}", 40, size=512, seed=i, shuffle=False)
+                uid = _uid(files[0])
                 r = storescu(node.port, files, check=False)
-                if "0xa700" in (r.stdout + r.stderr).lower():
+                shutil.rmtree(tmp_path / f"ct{i}")
+                if r.returncode == 0xA7 or "0xa700" in (r.stdout + r.stderr).lower():  # storescu: status >> 8
                     refused = i
                     break
                 assert r.returncode == 0, r.stderr
-                sent.append(_uid(files[0]))
+                sent.append(uid)
+                wait_for(lambda: len(list((storage / "outbox").glob("*/*.dcm"))) >= RESULTS_PER_STUDY * len(sent),
+                         120, 0.3, "results of the study in the outbox")
             assert refused is not None, "the node never answered 0xA700 on a full disk"
             for uid in sent:
                 node.wait_study(uid, ("DONE",))
             code, checks = wait_for(lambda: (h := _healthz(web))[1].get("storage", "ok") != "ok" and h, 30, 0.5,
                                     "healthz reporting a full disk")
             assert code == 503
-            assert checks["storage"].startswith("full: free space below node.min_free_disk_mb")
-            assert "0xA700" in checks["storage"] and "results not yet delivered" in checks["storage"]
+            assert checks["storage"].startswith("full: disk ") and "no study may be deleted" in checks["storage"]
+            assert "0xA700 below node.min_free_disk_mb = 32 MB" in checks["storage"]
+            assert "results not yet delivered" in checks["storage"]
             text = node.cli("status").stdout
             assert "storage: full" in text and "results not yet delivered" in text
             assert all((storage / "spool" / u).is_dir() for u in sent)  # nothing deleted that is not delivered
@@ -158,9 +166,9 @@ def test_full_disk_says_why_and_the_watermark_frees_it(node_factory, tmp_path: P
             gone = {s["study_uid"] for s in purged}
             kept = [u for u in sent if u not in gone]
             assert kept and all((storage / "spool" / u).is_dir() for u in kept)  # retention 24 h: only what was needed
-            files = ct_series(tmp_path / "again", 8, size=256, seed=99, shuffle=False)
+            files = ct_series(tmp_path / "again", 40, size=512, seed=99, shuffle=False)
             r = storescu(node.port, files, check=False)
-            assert r.returncode == 0 and "0xa700" not in (r.stdout + r.stderr).lower(), r.stderr
+            assert r.returncode == 0, (r.returncode, r.stderr)
         finally:
             node.stop()
             pacs.stop()

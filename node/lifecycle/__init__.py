@@ -156,16 +156,15 @@ class Lifecycle:
         held = ", ".join(f"{n} {why}" for why, n in sorted(kept.items())) or "none"
         refusing = self.spool.low_on_space()
         state, reason = "ok", None
-        if pct >= node.disk_high_water_percent and not left:
-            state = "full"
-            reason = (f"disk {pct:.1f}% used, above high water {node.disk_high_water_percent:g}%, and no study may"
-                      f" be deleted (studies held: {held})")
-        elif pressure:
+        if pressure:
             state = "purging"
-        if refusing:
+        if refusing or (pct >= node.disk_high_water_percent and not left):
             state = "full"
-            reason = (f"free space below node.min_free_disk_mb ({node.min_free_disk_mb} MB): C-STORE answers"
-                      f" 0xA700; disk {pct:.1f}% used; studies held: {held}")
+            free_mb = (size - used) // 2**20
+            deletable = f"{len(left)} study(ies) deletable" if left else "no study may be deleted"
+            reason = (f"disk {pct:.1f}% used (high water {node.disk_high_water_percent:g}%) and {deletable}"
+                      f" (studies held: {held}); C-STORE {'answers' if refusing else 'will answer'} 0xA700"
+                      f" below node.min_free_disk_mb = {node.min_free_disk_mb} MB free ({free_mb} MB free now)")
         db = self.storage / "state.db"
         wal = db.with_name("state.db-wal")
         return {
