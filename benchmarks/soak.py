@@ -146,6 +146,15 @@ def _rss(p: psutil.Process) -> int:
         return 0
 
 
+def _du(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+    return total
+
+
 def sample(node: NodeProcess, storage: Path, t0: float) -> dict[str, Any]:
     assert node.proc is not None
     listener = psutil.Process(node.proc.pid)
@@ -170,6 +179,8 @@ def sample(node: NodeProcess, storage: Path, t0: float) -> dict[str, Any]:
         "db_mb": round(db.stat().st_size / 2**20, 3) if db.exists() else 0.0,
         "wal_mb": round(os.path.getsize(f"{db}-wal") / 2**20, 3) if os.path.exists(f"{db}-wal") else 0.0,
         "aof_mb": round(sum(f.stat().st_size for f in (storage / "redis").glob("*.aof")) / 2**20, 3),
+        "spool_mb": round(_du(storage / "spool") / 2**20, 2), "outbox_mb": round(_du(storage / "outbox") / 2**20, 2),
+        "results_mb": round(_du(storage / "results") / 2**20, 2),
         "open_fds": listener.num_fds(),
     }
     try:
@@ -179,6 +190,13 @@ def sample(node: NodeProcess, storage: Path, t0: float) -> dict[str, Any]:
                                            "'queued','processing')").fetchone()[0]
         row["instances_held"] = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
         row["summaries"] = conn.execute("SELECT COUNT(*) FROM study_summaries").fetchone()[0]
+        st = conn.execute("SELECT data FROM storage_status WHERE id=1").fetchone()
+        if st:
+            import json
+
+            data = json.loads(st[0])
+            row["storage_state"] = data["state"]
+            row["held"] = ";".join(f"{n} {k}" for k, n in sorted(data["held"].items()))
         conn.close()
     except sqlite3.Error:
         pass
@@ -313,6 +331,7 @@ def write_outputs(run: Run, studies: list[dict[str, Any]], out: Path, title: str
     a.plot(t, [r["db_mb"] for r in run.samples], label="state.db")
     a.plot(t, [r["wal_mb"] for r in run.samples], label="state.db-wal")
     a.plot(t, [r["aof_mb"] for r in run.samples], label="redis AOF")
+    a.plot(t, [r["outbox_mb"] + r["results_mb"] for r in run.samples], label="outbox + results")
     a.set_ylabel("MB")
     a.set_xlabel("minutes")
     a.legend()
@@ -343,7 +362,7 @@ def _soak(o: Options, tmp: Path, storage: Path, how: str) -> tuple[list[str], di
     run = Run(o)
     scp = StoreSCP(tmp / "pacs", aet="PACS", extra_args=["-su", "S"]).start()
     port = free_port()
-    cfg = base_config(storage, port, min_free_disk_mb=4, retention_hours=o.retention_s / 3600,
+    cfg = base_config(storage, port, min_free_disk_mb=max(4, o.fs_mb // 10), retention_hours=o.retention_s / 3600,
                       failed_retention_hours=o.retention_s / 3600, disk_high_water_percent=o.high,
                       disk_low_water_percent=o.low, lifecycle_seconds=1, db_maintenance_seconds=10,
                       housekeeping_seconds=5)
@@ -383,6 +402,8 @@ def _soak(o: Options, tmp: Path, storage: Path, how: str) -> tuple[list[str], di
         stop.set()
         node.stop()
         scp.stop()
+        o.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(node.log, o.out / "node.log")  # for the post-mortem of a failed check
     studies = study_rows(run, t0)
     add_rates(run, studies)
     problems = checks(run, studies, duration)

@@ -222,6 +222,7 @@ def test_watermarks_delete_oldest_deletable_first_down_to_low_water(world: World
     for uid in (busy, undelivered, newest):
         assert w.spool_dir(uid).exists()
     assert st["disk_used_percent"] == 50 and st["state"] == "purging" and st["reason"] is None
+    assert not w.spool.low_on_space()
     s = w.state.one("SELECT purge_reason FROM study_summaries WHERE study_uid=?", (oldest,))
     assert "above high water 80%" in s["purge_reason"]
     # nothing deletable left and above high water again: "full", and the reason names what holds the space
@@ -231,6 +232,7 @@ def test_watermarks_delete_oldest_deletable_first_down_to_low_water(world: World
     w.study("queued", finished=now, job_state="queued", n=3, size=10_000)
     st = w.lc.run_once(now)
     assert st["state"] == "full" and st["disk_used_percent"] == 100
+    assert w.spool.low_on_space() and "answers 0xA700" in w.spool.refusal()  # the SCP refuses now
     assert "no study may be deleted" in st["reason"] and "results not yet delivered" in st["reason"]
     assert "processing" in st["reason"] and "queued" in st["reason"]
     assert w.spool_dir(busy).exists() and w.spool_dir(undelivered).exists()

@@ -7,6 +7,7 @@ code run for 20-30 minutes: ``python benchmarks/soak.py --minutes 20 --pause 4 -
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ def _soak_module():
     spec = importlib.util.spec_from_file_location("ainode_soak", SOAK)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
     spec.loader.exec_module(mod)
     return mod
 

@@ -6,8 +6,9 @@ A background thread of the listener (never the C-STORE path) makes one pass ever
 * outbox files go as soon as every destination confirmed them (``node.outbox_audit_hours`` later, if set);
 * studies whose retention ran out after they were finished and delivered are purged (``policy``);
 * above ``node.disk_high_water_percent`` the oldest deletable studies go first, retention or not, until
-  ``node.disk_low_water_percent``; when nothing may be deleted the node keeps answering 0xA700 at
-  ``node.min_free_disk_mb`` and the status says what holds the space;
+  ``node.disk_low_water_percent``; when nothing may be deleted the node answers 0xA700 until something
+  may (``Spool.blocked``), keeping the space above the watermark for the results of the work it holds,
+  and the status says what holds the space (``node.min_free_disk_mb`` stays the hard floor);
 * purged studies leave one summary row (``purge``); the WAL is checkpointed and free pages returned to
   the file system every ``node.db_maintenance_seconds`` on a connection of its own, which waits for
   nobody (a busy database just means the next round).
@@ -154,17 +155,17 @@ class Lifecycle:
         left = [c for c in found.candidates if c.study_uid not in gone]
         kept = found.kept_summary()
         held = ", ".join(f"{n} {why}" for why, n in sorted(kept.items())) or "none"
-        refusing = self.spool.low_on_space()
-        state, reason = "ok", None
-        if pressure:
-            state = "purging"
-        if refusing or (pct >= node.disk_high_water_percent and not left):
+        state, reason = ("purging" if pressure else "ok"), None
+        if pct >= node.disk_high_water_percent and not left:
             state = "full"
-            free_mb = (size - used) // 2**20
-            deletable = f"{len(left)} study(ies) deletable" if left else "no study may be deleted"
-            reason = (f"disk {pct:.1f}% used (high water {node.disk_high_water_percent:g}%) and {deletable}"
-                      f" (studies held: {held}); C-STORE {'answers' if refusing else 'will answer'} 0xA700"
-                      f" below node.min_free_disk_mb = {node.min_free_disk_mb} MB free ({free_mb} MB free now)")
+            reason = (f"disk {pct:.1f}% used, above high water {node.disk_high_water_percent:g}%, and no study may"
+                      f" be deleted (studies held: {held}): C-STORE answers 0xA700 until one may be")
+        self.spool.blocked = reason  # the SCP refuses while this is set; the reserve above stays for results
+        refusing = self.spool.low_on_space()
+        if refusing and reason is None:
+            state = "full"
+            reason = (f"free space {(size - used) // 2**20} MB below node.min_free_disk_mb ({node.min_free_disk_mb}"
+                      f" MB): C-STORE answers 0xA700; {len(left)} study(ies) deletable, studies held: {held}")
         db = self.storage / "state.db"
         wal = db.with_name("state.db-wal")
         return {
