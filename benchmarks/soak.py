@@ -1,7 +1,9 @@
 """Soak: does the node stay flat when studies never stop coming? Disk, memory, state, latency over time.
 
-    sudo python benchmarks/soak.py --minutes 20 --out soak-out     # the full run (root: it mounts a tmpfs)
-    python benchmarks/soak.py --minutes 2 --out /tmp/soak          # the version tests/test_soak.py runs
+    python benchmarks/soak.py --minutes 20 --interval 10 --fs-mb 256 --out soak-out   # the full run
+    python benchmarks/soak.py --minutes 2 --interval 4 --out /tmp/soak                # what tests/test_soak.py runs
+
+It mounts a tmpfs, so it runs as root or with password-less sudo.
 
 A real ``ainode run`` whose ``storage_dir`` is a small tmpfs mounted for the run (``--fs-mb``, so the disk
 really is full when the node thinks it is), DCMTK storescp as the PACS (one file per reception, so a
@@ -52,8 +54,8 @@ ENV = dict(os.environ, TCP_NODELAY="1")
 @dataclass
 class Options:
     minutes: float = 2.0
-    senders: int = 3
-    pause: float = 1.0
+    senders: int = 2
+    pause: float = 6.0
     fs_mb: int = 192
     retention_s: float = 10.0
     high: float = 80.0

@@ -1,7 +1,7 @@
 """The short soak (benchmarks/soak.py, about 2.5 minutes): studies never stop coming, the disk stays bounded.
 
 Marked ``soak`` so it can be selected (``-m soak``) or left out (``-m "not soak"``). The full soak is the same
-code run for 20-30 minutes: ``python benchmarks/soak.py --minutes 20 --pause 4 --interval 10 --fs-mb 256``.
+code run for 20-30 minutes: ``python benchmarks/soak.py --minutes 20 --interval 10 --fs-mb 256``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def _soak_module():
 
 
 def test_short_soak_steady_state(tmp_path: Path) -> None:
-    """3 senders, CT and CR mixed, 10 s retention, a 192 MB tmpfs as storage_dir, for 2 minutes: disk under
+    """2 senders, CT and CR mixed, 10 s retention, a 192 MB tmpfs as storage_dir, for 2 minutes: disk under
     the high watermark, RSS and database flat after warm-up, no 0xA700, every result delivered exactly once."""
     soak = _soak_module()
-    opts = soak.Options(minutes=2.0, senders=3, pause=4.0, interval=4.0, fs_mb=192, retention_s=10.0,
+    opts = soak.Options(minutes=2.0, senders=2, pause=6.0, interval=4.0, fs_mb=192, retention_s=10.0,
                         out=tmp_path / "soak", drain_s=40.0)
     problems, summary = soak.soak(opts)
     print("\n".join(f"{k}: {v}" for k, v in summary.items()))
