@@ -109,6 +109,9 @@ class Lifecycle:
         if self.scp is not None and hasattr(self.scp, "_known_series"):
             with self.scp._lock:  # noqa: SLF001 - a late series of a purged study is a new series again
                 self.scp._known_series.difference_update(done.series)  # noqa: SLF001
+        announced = getattr(self.jobs, "_announced", None)
+        if isinstance(announced, set):  # in-memory per-job sets must not outlive the job's rows
+            announced.difference_update(done.jobs)
         return done.bytes or 1
 
     def disk(self) -> tuple[int, int, float]:

@@ -49,6 +49,7 @@ class Purged:
     bytes: int
     compacted: bool  # False when a late instance arrived meanwhile: the study row lives on
     series: tuple[str, ...] = ()
+    jobs: tuple[str, ...] = ()
 
 
 def _job_summaries(state: State, study_uid: str) -> list[dict[str, Any]]:
@@ -170,7 +171,8 @@ def purge_study(state: State, spool: Spool, storage: Path, study_uid: str, expec
                               (j["job_id"], study_uid, delivered or now))
     log.info("study %s purged (%s): %d instance(s), %.1f MB%s", study_uid, reason, len(files), freed / 1e6,
              "" if compacted else "; a late instance arrived, the study is receiving again")
-    return Purged(study_uid, len(files), freed, compacted, tuple({f["series_uid"] for f in files}))
+    return Purged(study_uid, len(files), freed, compacted, tuple({f["series_uid"] for f in files}),
+                  tuple(j["job_id"] for j in jobs) if compacted else ())
 
 
 def _outcome(_reason: str | None, jobs: list[dict[str, Any]], state: str) -> str:
