@@ -159,11 +159,17 @@ class Lifecycle:
         kept = found.kept_summary()
         held = ", ".join(f"{n} {why}" for why, n in sorted(kept.items())) or "none"
         state, reason = ("purging" if pressure else "ok"), None
-        if pct >= node.disk_high_water_percent and not left:
+        blocked = None
+        if pct >= node.disk_high_water_percent and not left and kept:
             state = "full"
-            reason = (f"disk {pct:.1f}% used, above high water {node.disk_high_water_percent:g}%, and no study may"
-                      f" be deleted (studies held: {held}): C-STORE answers 0xA700 until one may be")
-        self.spool.blocked = reason  # the SCP refuses while this is set; the reserve above stays for results
+            reason = blocked = (f"disk {pct:.1f}% used, above high water {node.disk_high_water_percent:g}%, and no"
+                                f" study may be deleted (studies held: {held}): C-STORE answers 0xA700 until one"
+                                " may be")
+        elif pct >= node.disk_high_water_percent and not left:
+            state = "above_high_water"  # a warning in status; /healthz stays ok while C-STORE is accepted
+            reason = (f"disk {pct:.1f}% used, above high water {node.disk_high_water_percent:g}%, by files that are"
+                      " not this node's (it holds no study): C-STORE goes on until node.min_free_disk_mb")
+        self.spool.blocked = blocked  # the SCP refuses while set: the space above is kept for held work's results
         refusing = self.spool.low_on_space()
         if refusing and reason is None:
             state = "full"
