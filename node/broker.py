@@ -56,6 +56,7 @@ class EmbeddedRedis:
             f"dir {self.dir}",
             "appendonly yes",
             "appendfsync everysec",
+            "auto-aof-rewrite-min-size 8mb",  # a node runs for months: the AOF is rewritten, not grown
             'save ""',
             "daemonize no",
             f"pidfile {self.dir / 'redis.pid'}",

@@ -1,4 +1,4 @@
-"""``ainode``: run | serve | worker | echo | send | status | config check | route test | weights."""
+"""``ainode``: run | serve | worker | echo | send | status | rerun | config check | route test | weights."""
 
 from __future__ import annotations
 
@@ -271,9 +271,46 @@ def status_data(cfg: Config, limit: int = 200) -> dict[str, Any]:
 
             entry["notifications"] = notification_log(conn, s["study_uid"])
         studies.append(entry)
+    storage = _lifecycle_status(cfg, conn, tables, studies, limit)
     conn.close()
     return {"node": {"ae_title": cfg.node.ae_title, "port": cfg.node.port,
-                     "storage_dir": str(cfg.node.storage_dir)}, "studies": studies}
+                     "storage_dir": str(cfg.node.storage_dir)}, "studies": studies, "storage": storage}
+
+
+def _lifecycle_status(cfg: Config, conn: Any, tables: set[str], studies: list[dict[str, Any]],
+                      limit: int) -> dict[str, Any] | None:
+    """Storage lifecycle (node/lifecycle): when each study's instances go or why they stay, the purged
+    studies' summaries as PURGED entries, and the disk report of the listener's last pass."""
+    from node.lifecycle import storage_status
+    from node.lifecycle.policy import assess
+
+    def query(sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return conn.execute(sql, params).fetchall()
+
+    found = assess(query, cfg, time.time())
+    expiry = {c.study_uid: c for c in found.candidates}
+    for entry in studies:
+        c = expiry.get(entry["study_uid"])
+        entry["retention"] = ({"purge_after": c.expires_at, "retention_hours": c.retention_hours} if c else
+                              {"kept": found.kept.get(entry["study_uid"], entry["state"] or "")})
+    if "study_summaries" in tables:
+        for r in conn.execute("SELECT * FROM study_summaries ORDER BY purged DESC LIMIT ?", (limit,)):
+            if any(s["study_uid"] == r["study_uid"] for s in studies):
+                continue
+            jobs = json.loads(r["jobs"] or "[]")
+            delivery = json.loads(r["deliveries"] or "{}")
+            for d in delivery.values():
+                d["delivered"] = set(d["states"]) <= {"sent", "committed"}
+            studies.append({
+                "study_uid": r["study_uid"], "state": "PURGED", "outcome": r["outcome"],
+                "critical": bool(r["critical"]), "instances": r["n_instances"], "route": r["route"],
+                "pipelines": sorted({j["pipeline"] for j in jobs}), "first_received": r["first_received"],
+                "last_received": r["last_received"], "completed": r["completed"], "complete_reason": None,
+                "queued": None, "started": None, "finished": r["finished"],
+                "errors": [j["error"] for j in jobs if j.get("error")], "jobs": jobs, "delivery": delivery,
+                "delivered": r["delivered"], "purged": r["purged"], "purge_reason": r["purge_reason"],
+            })
+    return storage_status(query)
 
 
 def _critical_findings(conn: Any, study_uid: str) -> list[str]:
@@ -317,6 +354,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=1, default=str))
         return 0
+    st = data.get("storage")
+    if st:
+        print(f"storage: {st['state']}, disk {st['disk_used_percent']:.1f}% used (high water "
+              f"{st['high_water_percent']:g}%, low {st['low_water_percent']:g}%), {st['deletable']} study(ies)"
+              f" deletable, {st['purged_total']} purged since start" + (f"; {st['reason']}" if st["reason"] else ""))
     if not data["studies"]:
         print(data.get("note", "no studies"))
         return 0
@@ -330,6 +372,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{'':<40} error: {e}")
         if s.get("critical_findings"):
             print(f"{'':<40} critical: {'; '.join(s['critical_findings'])}")
+        if s.get("purged"):
+            print(f"{'':<40} instances purged {_ts(s['purged'])} ({s['purge_reason']})")
+        elif (s.get("retention") or {}).get("purge_after"):
+            print(f"{'':<40} instances kept until {_ts(s['retention']['purge_after'])}")
         for dest, d in (s.get("delivery") or {}).items():
             states = ", ".join(f"{k} {v}" for k, v in sorted(d["states"].items()))
             err = f"; last error: {d['last_error']}" if d["last_error"] and not d["delivered"] else ""
@@ -343,6 +389,39 @@ def cmd_status(args: argparse.Namespace) -> int:
             took = f" {n['latency_s']:.1f} s after completion" if n.get("latency_s") is not None else ""
             print(f"{'':<40} notify {n['channel']} ({n['finding']}): {n['state']}{took}")
     return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Ask the running listener to run a study's pipelines again; a purged study is answered here at once."""
+    import sqlite3
+
+    from node.lifecycle.rerun import purge_record, purged_message, submit
+
+    cfg = _load(args, semantics=False)
+    storage = Path(cfg.node.storage_dir)
+    db = storage / "state.db"
+    if db.exists():
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        live = conn.execute("SELECT 1 FROM studies WHERE study_uid=?", (args.study_uid,)).fetchone()
+        record = purge_record(lambda q, p: conn.execute(q, p).fetchall(), args.study_uid)
+        conn.close()
+        if record is not None and live is None:
+            print(f"rerun: {purged_message(args.study_uid, record['purged'], record['purge_reason'])}",
+                  file=sys.stderr)
+            return 1
+    answer = submit(storage, args.study_uid)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if answer.exists():
+            data = json.loads(answer.read_text(encoding="utf-8"))
+            answer.unlink(missing_ok=True)
+            print(f"rerun: {data['message']}", file=sys.stdout if data["ok"] else sys.stderr)
+            return 0 if data["ok"] else 1
+        time.sleep(0.2)
+    print(f"rerun: no answer from the listener within {args.wait:g} s (is `ainode run` running on {storage}?);"
+          " the request stays queued and is answered when it runs", file=sys.stderr)
+    return 1
 
 
 # ------------------------------------------------------------------------------------------- config / route
@@ -440,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", parents=[common], help="studies, jobs and deliveries")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+    rr = sub.add_parser("rerun", parents=[common], help="run a study's pipelines again (the listener must run)")
+    rr.add_argument("study_uid")
+    rr.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the listener's answer")
+    rr.set_defaults(fn=cmd_rerun)
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", parents=[common], help="validate a config file; exit 2 on problems")

@@ -71,6 +71,15 @@ class NodeConfig(_Strict):
     max_pending_associations: int = Field(256, ge=1, le=100000)
     # same SOP Instance UID, same study and series, different content: keep the first copy or replace it
     duplicates: Literal["keep_first", "replace"] = "keep_first"
+    # storage lifecycle (node/lifecycle): how long instances stay once their study is finished and delivered
+    retention_hours: float = Field(24.0, ge=0)  # per route: routes[].retention_hours
+    failed_retention_hours: float = Field(6.0, ge=0)  # refused and failed studies
+    disk_high_water_percent: float = Field(85.0, gt=0, le=100)  # above: oldest deletable studies go first
+    disk_low_water_percent: float = Field(75.0, gt=0, le=100)  # ... until this
+    outbox_audit_hours: float = Field(0.0, ge=0)  # keep delivered result files this long (0: delete at once)
+    summary_retention_days: float = Field(365.0, gt=0)  # summaries of purged studies
+    lifecycle_seconds: float = Field(5.0, gt=0)  # how often the lifecycle pass runs
+    db_maintenance_seconds: float = Field(60.0, gt=0)  # WAL checkpoint and incremental vacuum
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
     _port = field_validator("port")(classmethod(lambda cls, v: _check_port(v)))
@@ -161,6 +170,7 @@ class RouteConfig(_Strict):
     # this route. Keys of critical: and thresholds: may be the manifest label, the display name or the code.
     thresholds: dict[str, dict[Literal["possible", "present"], float] | float] = {}
     continue_: bool = Field(False, alias="continue")
+    retention_hours: float | None = Field(None, ge=0)  # null: node.retention_hours
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -279,6 +289,10 @@ def semantic_problems(cfg: Config, known_pipelines: set[str] | None) -> list[Pro
         if r.quiet_seconds > r.max_wait_seconds:
             problems.append(Problem(f"routes[{i}].quiet_seconds",
                                     "quiet_seconds is longer than max_wait_seconds; make it shorter"))
+    if cfg.node.disk_low_water_percent >= cfg.node.disk_high_water_percent:
+        problems.append(Problem("node.disk_low_water_percent",
+                                f"{cfg.node.disk_low_water_percent:g} is not below disk_high_water_percent "
+                                f"({cfg.node.disk_high_water_percent:g}); make it lower, e.g. 10 points below"))
     for name in cfg.pipelines:
         if known_pipelines is not None and name not in known_pipelines:
             problems.append(Problem(f"pipelines.{name}", f"settings for unknown pipeline {name!r}; "

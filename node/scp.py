@@ -315,7 +315,7 @@ class StorageSCP:
                     assert decision.path is not None
                     stored = Stored(decision.path, decision.path.stat().st_size, duplicate=True)
             except DiskFull as exc:
-                log.error("C-STORE from %s refused: %s (node.min_free_disk_mb)", calling, exc)
+                log.error("C-STORE from %s refused: %s", calling, exc)
                 return OUT_OF_RESOURCES, "insufficient disk space"
             except OSError as exc:
                 log.error("C-STORE from %s: cannot write instance: %s", calling, exc)
@@ -369,8 +369,7 @@ class InstanceSink:
             log.warning("C-STORE from %s: invalid SOPInstanceUID, nothing stored", assoc.calling_ae)
             self.failure = (CANNOT_UNDERSTAND, "invalid SOPInstanceUID")
         elif scp.spool.low_on_space():
-            log.error("C-STORE from %s refused: free space below %d MB (node.min_free_disk_mb)", assoc.calling_ae,
-                      scp.cfg.node.min_free_disk_mb)
+            log.error("C-STORE from %s refused: %s", assoc.calling_ae, scp.spool.refusal())
             self.failure = (OUT_OF_RESOURCES, "insufficient disk space")
         else:
             try:

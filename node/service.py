@@ -43,6 +43,9 @@ class Listener:
         self.scp = StorageSCP(cfg, self.state, self.spool, on_instance=self._on_instance,
                               on_association_end=self._on_association_end,
                               route_keywords=keywords_used(cfg.routes) - {"calling_ae", "called_ae"})
+        from node.lifecycle import Lifecycle
+
+        self.lifecycle = Lifecycle(cfg, self.state, self.spool, self.storage, scp=self.scp, jobs=self.jobs)
         self.tick = tick
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -59,12 +62,14 @@ class Listener:
         self.scp.start()
         self._thread = threading.Thread(target=self._loop, name="ainode-scheduler", daemon=True)
         self._thread.start()
+        self.lifecycle.start()
 
     def stop(self) -> None:
         self.scp.stop()
         self.spool.stop()
         self._stop.set()
         self._wake.set()
+        self.lifecycle.stop()
         if self._thread:
             self._thread.join(10)
         if self.delivery is not None:
@@ -175,6 +180,7 @@ class Listener:
             try:
                 self.check_completion()
                 self.jobs.poll()
+                self.lifecycle.on_tick()
                 if time.time() - self._last_housekeeping > self.cfg.node.housekeeping_seconds:
                     self._last_housekeeping = time.time()
                     self.jobs.publish_pending()
@@ -195,17 +201,6 @@ class Listener:
         return done
 
     def housekeeping(self) -> None:
-        """Unrouted studies are not kept forever: they were never meant for this node. Outbox folders
-        go a week after everything in them was delivered."""
-        if self.delivery is not None:
-            self.delivery.cleanup_outbox()
-        cutoff = time.time() - self.cfg.node.no_route_retention_hours * 3600
-        for row in self.state.query("SELECT study_uid FROM studies WHERE state='no_route' AND completed < ?",
-                                    (cutoff,)):
-            self.spool.remove_study(row["study_uid"])
-            with self.state.tx() as c:
-                c.execute("DELETE FROM instances WHERE study_uid=?", (row["study_uid"],))
-                c.execute("DELETE FROM series WHERE study_uid=?", (row["study_uid"],))
-                c.execute("UPDATE studies SET state='purged', n_instances=0 WHERE study_uid=?", (row["study_uid"],))
-            log.info("study %s purged: no route, retention %.1f h passed", row["study_uid"],
-                     self.cfg.node.no_route_retention_hours)
+        """Retention, outbox clean-up and the state database are the storage lifecycle's (node/lifecycle),
+        which runs on a thread of its own; this only nudges it."""
+        self.lifecycle.wake()

@@ -148,6 +148,8 @@ class Spool:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._last_refill_warning = -1e9
+        # set by the storage lifecycle while the disk is above its high watermark and nothing may be deleted
+        self.blocked: str | None = None
 
     # ------------------------------------------------------------------ background work
     def start(self) -> None:
@@ -222,7 +224,11 @@ class Spool:
         return shutil.disk_usage(self.root).free
 
     def low_on_space(self, incoming: int = 0) -> bool:
-        return self.free_bytes() - incoming < self.min_free_bytes
+        return self.blocked is not None or self.free_bytes() - incoming < self.min_free_bytes
+
+    def refusal(self) -> str:
+        """Why ``low_on_space`` said yes, in words for the log."""
+        return self.blocked or f"free space below {self.min_free_bytes // (1024 * 1024)} MB (node.min_free_disk_mb)"
 
     def incoming(self, head: bytes) -> IncomingFile:
         """A file for one instance as it arrives, starting with ``head`` (preamble and file meta)."""
@@ -265,7 +271,7 @@ class Spool:
                 incoming.abandon()
                 return Stored(final, final.stat().st_size, duplicate=True)
             if self.low_on_space():
-                raise DiskFull(f"free space below {self.min_free_bytes // (1024 * 1024)} MB")
+                raise DiskFull(self.refusal())
             if incoming.fd is not None:
                 incoming.sync_and_close()
             self._ensure_dir(final.parent)

@@ -37,7 +37,13 @@ def health(listener: Listener) -> tuple[bool, dict[str, Any]]:
     checks["disk_free_mb"] = free_mb
     checks["disk"] = "ok" if free_mb >= listener.cfg.node.min_free_disk_mb else "low"
     checks["listener"] = "ok" if listener.scp.server is not None else "stopped"
-    ok = all(v == "ok" for k, v in checks.items() if k != "disk_free_mb")
+    lifecycle = getattr(listener, "lifecycle", None)
+    if lifecycle is not None:  # node/lifecycle: "full" says why nothing can be deleted
+        st = lifecycle.status
+        checks["storage"] = "ok" if st.get("state") != "full" else f"full: {st.get('reason')}"
+        checks["storage_detail"] = {k: st.get(k) for k in ("state", "disk_used_percent", "high_water_percent",
+                                                           "low_water_percent", "deletable", "held", "purged_total")}
+    ok = all(v == "ok" for k, v in checks.items() if k not in ("disk_free_mb", "storage_detail"))
     return ok, checks
 
 
