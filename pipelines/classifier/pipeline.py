@@ -237,7 +237,8 @@ class ClassifierPipeline(Pipeline):
                                  "sop_instance_uids": [f.sop_instance_uid for f in sc.series.frames],
                                  "probabilities": {label: [round(float(v), 5) for v in sc.probs[:, j]]
                                                    for j, label in enumerate(labels)}} for sc in scored],
-                     "aggregation": spec.aggregation.model_dump(), "providers": runner.providers},
+                     "aggregation": spec.aggregation.model_dump(), "providers": runner.providers,
+                     "probabilities": {label: float(study_probs[j]) for j, label in enumerate(labels)}},
         )
         if result.unverified:
             result.warnings.append(f"model {manifest.name} {manifest.version} is not verified (verified: false); "
