@@ -62,7 +62,7 @@ def roc_figure(results: list[LabelMetrics], curves: dict[str, tuple[np.ndarray, 
         ax.tick_params(labelsize=7)
         ax.set_xlabel("1 − specificity", fontsize=7.5)
         ax.set_ylabel("sensitivity", fontsize=7.5)
-        if m.operating_points or m.target_sensitivity:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="lower right", frameon=False)
     fig.tight_layout()
     out = _png(fig)
