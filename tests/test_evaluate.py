@@ -72,6 +72,7 @@ def test_tables_formats_names_and_unmatched(tmp_path):
     assert m["predictions"]["unmatched"] == 1 and m["labels_file"]["unmatched"] == 2
     pt = m["labels"]["Pleural_Thickening"]
     assert (pt["n"], pt["positives"], pt["auc"]) == (3, 1, 1.0)
+    assert pt["auc_ci95"] is None and "2 positive" in pt["note"]  # one positive: no honest DeLong interval
     assert m["labels"]["Nodule"]["n"] == 2  # x3 has no Nodule score: left out of that label only
 
     onehot = _write(tmp_path / "onehot.csv", "id,pleural effusion,PLEURAL THICKENING\nx1.dcm,1,1\nx2.dcm,0,\n"

@@ -19,7 +19,6 @@ from tests.support.monai_bundles import CXR_LABELS, ICH_LABELS, cxr_bundle, head
 from tests.test_classifier import write_head_ct
 
 
-
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     models.clear_cache()

@@ -244,7 +244,8 @@ def table(ev: Evaluation, targets: tuple[float, ...] = DEFAULT_TARGETS) -> str:
         return f"{x:>{w}.{d}f}" if x is not None else f"{'-':>{w}}"
 
     for m in ev.labels:
-        auc = f"{m.auc:.3f} [{m.auc_ci95[0]:.3f}, {m.auc_ci95[1]:.3f}]" if m.auc is not None and m.auc_ci95 else "-"
+        auc = "-" if m.auc is None else f"{m.auc:.3f} [{m.auc_ci95[0]:.3f}, {m.auc_ci95[1]:.3f}]" if m.auc_ci95 \
+            else f"{m.auc:.3f} [CI n/a]"
         op = m.operating_points[0] if m.operating_points else None
         row = (f"{m.label[:26]:<26} {m.n:>5} {m.positives:>4} {m.prevalence:>6.3f}  {auc:<21} "
                f"{f(op.threshold if op else None, 6, 3)} {f(op.sensitivity if op else None)} "

@@ -166,9 +166,12 @@ def label_metrics(label: str, column: str, truth_label: str, y: np.ndarray, s: n
         m.note = "AUC undefined: " + ("no positive cases" if p == 0 else "no negative cases")
     else:
         auc, var = auc_delong(y, s)
-        se = math.sqrt(max(var, 0.0))
-        m.auc, m.auc_se = auc, se
-        m.auc_ci95 = (max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se))
+        m.auc = auc
+        if p < 2 or n - p < 2:  # one case's structural component has no variance: the CI would be falsely narrow
+            m.note = "95% CI not computed: DeLong needs at least 2 positive and 2 negative cases"
+        else:
+            se = math.sqrt(max(var, 0.0))
+            m.auc_se, m.auc_ci95 = se, (max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se))
     for t, src in thresholds:
         m.operating_points.append(operating_point(y, s, t, src))
     for target in targets:

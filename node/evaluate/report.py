@@ -53,8 +53,8 @@ def roc_figure(results: list[LabelMetrics], curves: dict[str, tuple[np.ndarray, 
             if op is not None and op.specificity is not None and op.sensitivity is not None:
                 ax.plot([1 - op.specificity], [op.sensitivity], "^", ms=4, color="#27ae60",
                         label=f"sens≥{key}: thr {op.threshold:.3g}")
-        auc = f"AUC {m.auc:.3f} [{m.auc_ci95[0]:.2f}–{m.auc_ci95[1]:.2f}]" if m.auc is not None and m.auc_ci95 \
-            else "AUC undefined"
+        auc = "AUC undefined" if m.auc is None else f"AUC {m.auc:.3f} [{m.auc_ci95[0]:.2f}–{m.auc_ci95[1]:.2f}]" \
+            if m.auc_ci95 else f"AUC {m.auc:.3f} (CI n/a)"
         ax.set_title(f"{m.label}\n{auc}, {m.positives}/{m.n} pos", fontsize=8.5)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
