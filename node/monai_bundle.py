@@ -371,3 +371,20 @@ def import_bundle(bundle_dir: str | Path, out_dir: str | Path, *, name: str | No
     log.info("imported MONAI bundle %s in %.1f s (parity %.2e, sha256 %s)", bundle_name, time.monotonic() - t0,
              diff, sha[:12])
     return manifest, diff
+
+
+def cli_import(bundle: Path, out: Path, name: str | None, version: str | None) -> int:
+    """``ainode weights import --format monai-bundle``: exit 0 when imported, 1 with the reason otherwise."""
+    import sys
+
+    try:
+        manifest, diff = import_bundle(bundle, out, name=name, version=version)
+    except BundleRefused as exc:
+        print(f"import refused: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        print(f"import needs {exc.name}: pip install 'ainode[import]' (torch==2.13.0, onnx, monai)", file=sys.stderr)
+        return 1
+    print(f"imported MONAI bundle {bundle} as {manifest.name} {manifest.version}: {len(manifest.labels)} labels, "
+          f"parity max |diff| {diff:.2e}, sha256 {manifest.sha256}, verified false -> {Path(out) / 'manifest.yaml'}")
+    return 0

@@ -348,7 +348,9 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help or a usage error: hand the code back to the caller's CLI
         return int(exc.code or 0)
     if args.command == "verify":
-        return _verify(args)
+        from node.evaluate.verify import cli_verify
+
+        return cli_verify(args.model, args.evaluation)
     if args.command == "import":
         if args.verified or args.evaluation:
             print("import: --verified/--evaluation were removed; imports are always verified: false. Evaluate the "
@@ -356,7 +358,16 @@ def main(argv: list[str]) -> int:
                   "`ainode weights verify DIR --evaluation OUT/metrics.json`", file=sys.stderr)
             return 2
         if args.format == "monai-bundle":
-            return _import_bundle(args)
+            if args.bundle is None:
+                print("import: --format monai-bundle needs --bundle DIR", file=sys.stderr)
+                return 2
+            try:
+                from node.monai_bundle import cli_import
+            except ModuleNotFoundError as exc:
+                print(f"import needs {exc.name}: pip install 'ainode[import]' (torch==2.13.0, onnx, monai)",
+                      file=sys.stderr)
+                return 1
+            return cli_import(args.bundle, args.out, args.name, args.version)
         if args.checkpoint is None:
             print(f"import: --format {args.format} needs --checkpoint FILE", file=sys.stderr)
             return 2
@@ -388,44 +399,6 @@ def main(argv: list[str]) -> int:
         print(f"{m.name} {m.version}: sha256 ok, verified {str(m.verified).lower()}, providers {runner.providers}")
         return 0
     return 2
-
-
-def _verify(args: argparse.Namespace) -> int:
-    from node.evaluate import EvaluationError
-    from node.evaluate.verify import verify
-
-    try:
-        rec = verify(args.model, args.evaluation)
-    except EvaluationError as exc:
-        print(f"verify: {exc}", file=sys.stderr)
-        return 2
-    aucs = ", ".join(f"{k} {v:.3f}" for k, v in rec["aucs"].items())
-    print(f"verified {args.model}: evaluation of {rec['images']} images on {rec['date']} (metrics.json sha256 "
-          f"{rec['sha256']}); AUC {aucs}")
-    return 0
-
-
-def _import_bundle(args: argparse.Namespace) -> int:
-    if args.bundle is None:
-        print("import: --format monai-bundle needs --bundle DIR", file=sys.stderr)
-        return 2
-    try:
-        from node.monai_bundle import BundleRefused, import_bundle
-    except ModuleNotFoundError as exc:
-        print(f"import needs {exc.name}: pip install 'ainode[import]' (torch==2.13.0, onnx, monai)", file=sys.stderr)
-        return 1
-    try:
-        manifest, diff = import_bundle(args.bundle, args.out, name=args.name, version=args.version)
-    except (BundleRefused, ImportFailed) as exc:
-        print(f"import refused: {exc}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as exc:
-        print(f"import needs {exc.name}: pip install 'ainode[import]' (torch==2.13.0, onnx, monai)", file=sys.stderr)
-        return 1
-    print(f"imported MONAI bundle {args.bundle} as {manifest.name} {manifest.version}: {len(manifest.labels)} "
-          f"labels, parity max |diff| {diff:.2e}, sha256 {manifest.sha256}, verified false -> "
-          f"{Path(args.out) / 'manifest.yaml'}")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

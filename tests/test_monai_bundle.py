@@ -61,10 +61,19 @@ def test_cxr_bundle_imports_with_parity_and_runs_in_the_cxr_pipeline(tmp_path, c
     got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert np.max(np.abs(got - ref)) <= 1e-4
 
-    study = load_study([get_testdata_file("RG1_UNCR.dcm")])
-    result = CXRPipeline({"model": str(out), "allow_unverified_models": True}).run(study)
+    rg1 = get_testdata_file("RG1_UNCR.dcm")
+    result = CXRPipeline({"model": str(out), "allow_unverified_models": True}).run(load_study([rg1]))
     assert result.status == "ok", result.reason
     assert list(result.details["probabilities"]) == CXR_LABELS and result.unverified
+
+    # `ainode analyze` on the DICOM file gives the same numbers, keyed by the file name
+    from node.cli import main
+
+    assert main(["analyze", rg1, "--pipeline", "cxr", "--model", str(out), "--no-dicom",
+                 "--out", str(tmp_path / "analysis")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "analysis" / "predictions.csv")))
+    assert [r["image_id"] for r in rows] == ["RG1_UNCR.dcm"] and rows[0]["status"] == "ok"
+    assert {k: float(rows[0][k]) for k in CXR_LABELS} == result.details["probabilities"]
 
 
 def test_head_ct_25d_bundle_maps_window_and_slices_exactly(tmp_path):

@@ -78,3 +78,18 @@ def verify(model_dir: str | Path, evaluation: str | Path, *, min_images: int = 1
     tmp.write_text(yaml.safe_dump(new, sort_keys=False, allow_unicode=True), encoding="utf-8")
     tmp.replace(mpath)
     return record
+
+
+def cli_verify(model_dir: Path, evaluation: Path) -> int:
+    """``ainode weights verify``: exit 0 when verified, 2 with the reason otherwise."""
+    import sys
+
+    try:
+        rec = verify(model_dir, evaluation)
+    except EvaluationError as exc:
+        print(f"verify: {exc}", file=sys.stderr)
+        return 2
+    aucs = ", ".join(f"{k} {v:.3f}" for k, v in rec["aucs"].items())
+    print(f"verified {model_dir}: evaluation of {rec['images']} images on {rec['date']} (metrics.json sha256 "
+          f"{rec['sha256']}); AUC {aucs}")
+    return 0
