@@ -537,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     wt = sub.add_parser("weights", help="import and inspect model weights", add_help=False)
     wt.add_argument("rest", nargs=argparse.REMAINDER)
     wt.set_defaults(fn=cmd_weights)
+    from node import analyze
+    from node.evaluate import cli as evaluate_cli
+
+    analyze.register(sub, common)
+    evaluate_cli.register(sub)
     return p
 
 

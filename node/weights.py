@@ -11,8 +11,9 @@ the pickle names. We unpickle with a restricted unpickler instead: torch's own t
 rebuild functions and torch.nn layers load normally, classes from the two projects become inert
 ``nn.Module`` stand-ins that only carry parameters and buffers, and anything else is refused.
 
-Manifests come out ``verified: false`` unless the operator passes ``--verified`` with
-``--evaluation`` naming where the local evaluation of these weights is documented.
+Manifests always come out ``verified: false``. The only way to ``verified: true`` is a local
+evaluation: ``ainode analyze`` -> ``ainode evaluate --model DIR`` -> ``ainode weights verify DIR
+--evaluation metrics.json`` (see ``node.evaluate.verify``).
 """
 
 from __future__ import annotations
@@ -253,8 +254,8 @@ def parity(net: Any, onnx_path: Path, in_channels: int, size: int = 224, n: int 
     return diff
 
 
-def default_manifest(fmt: str, name: str, labels: list[str], in_channels: int, sha: str, verified: bool,
-                     evaluation: str, version: str) -> Manifest:
+def default_manifest(fmt: str, name: str, labels: list[str], in_channels: int, sha: str, version: str
+                     ) -> Manifest:
     if fmt == "torchxrayvision":
         thr = dict(zip(XRV_ALL_LABELS, XRV_ALL_OP_THRESHS)) if labels == XRV_ALL_LABELS else {}
         thresholds = {k: LabelThreshold(possible=v, present=v) for k, v in thr.items()}
@@ -277,13 +278,12 @@ def default_manifest(fmt: str, name: str, labels: list[str], in_channels: int, s
         name=name, version=version, task="cxr-multilabel-classification", labels=labels,
         input=InputSpec(size=224, channels=in_channels, normalisation=norm),  # type: ignore[arg-type]
         output=OutputSpec(probabilities="probabilities", cam="cam"), thresholds=thresholds, critical=critical,
-        licence=licence, source_url=source, file="model.onnx", sha256=sha, verified=verified,
-        evaluation=evaluation, notes=notes)
+        licence=licence, source_url=source, file="model.onnx", sha256=sha, verified=False, notes=notes)
 
 
 def import_checkpoint(fmt: str, checkpoint: str | Path, out_dir: str | Path, *, name: str | None = None,
-                      labels: list[str] | None = None, verified: bool = False, evaluation: str = "",
-                      version: str | None = None, tolerance: float = PARITY_TOLERANCE) -> tuple[Manifest, float]:
+                      labels: list[str] | None = None, version: str | None = None,
+                      tolerance: float = PARITY_TOLERANCE) -> tuple[Manifest, float]:
     """Checkpoint -> ``out_dir/model.onnx`` + ``out_dir/manifest.yaml``; returns (manifest, parity difference).
 
     The manifest is written last, only after parity passed, so a failed import never leaves a
@@ -291,8 +291,6 @@ def import_checkpoint(fmt: str, checkpoint: str | Path, out_dir: str | Path, *, 
     """
     if fmt not in FORMATS:
         raise ImportFailed(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if verified and not evaluation.strip():
-        raise ImportFailed("--verified needs --evaluation naming where the local evaluation is documented")
     out = Path(out_dir)
     state = checkpoint_state(checkpoint, fmt)
     net = build_network(fmt, state)
@@ -312,8 +310,8 @@ def import_checkpoint(fmt: str, checkpoint: str | Path, out_dir: str | Path, *, 
         onnx_path.unlink(missing_ok=True)
         raise ImportFailed(f"parity check failed: max |torch - ONNX| = {diff:.3g} > {tolerance:g}; nothing written")
     sha = sha256_file(onnx_path)
-    manifest = default_manifest(fmt, name or DEFAULT_NAMES[fmt], list(labels), in_channels, sha, verified,
-                                evaluation, version or time.strftime("%Y%m%d"))
+    manifest = default_manifest(fmt, name or DEFAULT_NAMES[fmt], list(labels), in_channels, sha,
+                                version or time.strftime("%Y%m%d"))
     (out / "manifest.yaml").unlink(missing_ok=True)
     write_manifest(manifest, out / "manifest.yaml")
     log.info("imported %s as %s in %.1f s (parity %.2e, sha256 %s)", fmt, manifest.name, time.monotonic() - t0,
@@ -326,14 +324,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ainode weights", description="Manage model files and manifests.")
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="turn a public PyTorch checkpoint into ONNX + manifest")
-    imp.add_argument("--format", required=True, choices=FORMATS)
-    imp.add_argument("--checkpoint", required=True, type=Path)
+    imp.add_argument("--format", required=True, choices=(*FORMATS, "monai-bundle"))
+    imp.add_argument("--checkpoint", type=Path, help="checkpoint file (torchxrayvision, chexnet)")
+    imp.add_argument("--bundle", type=Path, help="MONAI bundle directory (monai-bundle)")
     imp.add_argument("--out", required=True, type=Path, help="model directory, e.g. weights/<model>")
     imp.add_argument("--name", help="model name in the manifest (default per format)")
     imp.add_argument("--version", help="model version in the manifest (default: today's date)")
     imp.add_argument("--labels", help="comma-separated labels in output order (default: the format's own)")
-    imp.add_argument("--verified", action="store_true", help="mark verified (needs --evaluation)")
-    imp.add_argument("--evaluation", default="", help="reference to the local evaluation of these weights")
+    imp.add_argument("--verified", action="store_true", help=argparse.SUPPRESS)  # removed: see `verify`
+    imp.add_argument("--evaluation", help=argparse.SUPPRESS)
+    ver = sub.add_parser("verify", help="mark a model verified by a local evaluation (ainode evaluate --model DIR)")
+    ver.add_argument("model", type=Path, help="model directory")
+    ver.add_argument("--evaluation", required=True, type=Path, help="metrics.json written by ainode evaluate")
     chk = sub.add_parser("check", help="check a model directory's manifest and file hash")
     chk.add_argument("model", help="model directory or manifest path")
     return p
@@ -345,11 +347,33 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help or a usage error: hand the code back to the caller's CLI
         return int(exc.code or 0)
+    if args.command == "verify":
+        from node.evaluate.verify import cli_verify
+
+        return cli_verify(args.model, args.evaluation)
     if args.command == "import":
+        if args.verified or args.evaluation:
+            print("import: --verified/--evaluation were removed; imports are always verified: false. Evaluate the "
+                  "model locally (ainode analyze, ainode evaluate --model DIR), then run "
+                  "`ainode weights verify DIR --evaluation OUT/metrics.json`", file=sys.stderr)
+            return 2
+        if args.format == "monai-bundle":
+            if args.bundle is None:
+                print("import: --format monai-bundle needs --bundle DIR", file=sys.stderr)
+                return 2
+            try:
+                from node.monai_bundle import cli_import
+            except ModuleNotFoundError as exc:
+                print(f"import needs {exc.name}: pip install 'ainode[import]' (torch==2.13.0, onnx, monai)",
+                      file=sys.stderr)
+                return 1
+            return cli_import(args.bundle, args.out, args.name, args.version)
+        if args.checkpoint is None:
+            print(f"import: --format {args.format} needs --checkpoint FILE", file=sys.stderr)
+            return 2
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
         try:
             manifest, diff = import_checkpoint(args.format, args.checkpoint, args.out, name=args.name, labels=labels,
-                                               verified=args.verified, evaluation=args.evaluation,
                                                version=args.version)
         except ImportFailed as exc:
             print(f"import failed: {exc}", file=sys.stderr)

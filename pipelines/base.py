@@ -161,6 +161,7 @@ class ModelIdentity:
     task: str = ""
     source: str = ""
     licence: str = ""
+    evaluation: str = ""  # the local evaluation a verified model rests on (``ainode weights verify``)
 
 
 Status = Literal["ok", "refused", "model_unavailable"]

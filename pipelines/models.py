@@ -89,6 +89,21 @@ class LabelThreshold(_Strict):
         return self
 
 
+class EvaluationRecord(_Strict):
+    """What ``ainode weights verify`` records: the local evaluation a ``verified: true`` rests on."""
+
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")  # of the metrics.json (copied to ``file``)
+    date: str
+    verified_on: str = ""
+    images: int = Field(ge=1)
+    aucs: dict[str, float]
+    auc_method: str = ""
+    file: str = "evaluation/metrics.json"
+
+    def citation(self) -> str:
+        return f"local evaluation {self.date}, {self.images} images, metrics.json sha256 {self.sha256}"
+
+
 class Manifest(_Strict):
     name: str
     version: str
@@ -106,6 +121,8 @@ class Manifest(_Strict):
     verified: bool = False
     #: Where the operator's evaluation of these weights is documented (required when verified).
     evaluation: str = ""
+    #: Written by ``ainode weights verify`` only; ``verified: true`` needs it.
+    evaluation_record: EvaluationRecord | None = None
     notes: str = ""
 
     @model_validator(mode="after")
@@ -113,8 +130,9 @@ class Manifest(_Strict):
         unknown = sorted((set(self.thresholds) | set(self.critical)) - set(self.labels))
         if unknown:
             raise ValueError(f"thresholds/critical name labels the model does not have: {unknown}")
-        if self.verified and not self.evaluation.strip():
-            raise ValueError("verified: true needs evaluation: (a reference to the local evaluation)")
+        if self.verified and self.evaluation_record is None:
+            raise ValueError("verified: true needs evaluation_record:, which only `ainode weights verify DIR "
+                             "--evaluation metrics.json` writes (after `ainode evaluate --model DIR`)")
         return self
 
     def threshold(self, label: str) -> LabelThreshold:
@@ -123,7 +141,8 @@ class Manifest(_Strict):
 
     def identity(self, sha256: str | None = None) -> ModelIdentity:
         return ModelIdentity(name=self.name, version=self.version, sha256=sha256 or self.sha256,
-                             verified=self.verified, task=self.task, source=self.source_url, licence=self.licence)
+                             verified=self.verified, task=self.task, source=self.source_url, licence=self.licence,
+                             evaluation=self.evaluation_record.citation() if self.evaluation_record else "")
 
 
 def load_manifest(path: str | Path) -> Manifest:

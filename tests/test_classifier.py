@@ -131,6 +131,8 @@ def write_manifest(weights: Path, name: str = "ich-test", *, size: int = SIZE, c
         "critical": {"any": critical} if critical is not None else {},
         "sha256": sha256 if sha256 is not None else (models.sha256_file(onnx_path) if onnx_path.exists() else ""),
         "verified": verified, "evaluation": "test fixture" if verified else "", "licence": "test",
+        "evaluation_record": {"sha256": "ab" * 32, "date": "2026-01-05", "images": 50, "aucs": {"any": 0.9}}
+        if verified else None,
         "classifier": classifier or {
             "mode": "slices", "modalities": ["CT"],
             "windows": [{"name": n, "center": c, "width": w} for n, (c, w) in zip(["brain", "subdural", "bone"],

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from pipelines.base import ModelUnavailable
 from pipelines.models import (
+    EvaluationRecord,
     InputSpec,
     LabelThreshold,
     Manifest,
@@ -51,7 +52,9 @@ def _model_dir(tmp_path: Path, verified: bool = False, sha: str | None = None) -
                  input=InputSpec(size=16, channels=1, normalisation=Normalisation(kind="unit")),
                  thresholds={"A": LabelThreshold(possible=0.3, present=0.6)},
                  sha256=sha if sha is not None else sha256_file(d / "model.onnx"), verified=verified,
-                 evaluation="local study 2026-01" if verified else "")
+                 evaluation="local study 2026-01" if verified else "",
+                 evaluation_record=EvaluationRecord(sha256="ab" * 32, date="2026-01-05", images=120,
+                                                    aucs={"A": 0.81}) if verified else None)
     write_manifest(m, d / "manifest.yaml")
     return d
 
@@ -137,7 +140,12 @@ def test_manifest_validation(tmp_path):
     with pytest.raises(ModelUnavailable, match="labels the model does not have"):
         load_manifest(p)
     p.write_text("name: x\nversion: '1'\nlabels: [A]\ninput: {normalisation: {kind: unit}}\nverified: true\n")
-    with pytest.raises(ModelUnavailable, match="evaluation"):
+    with pytest.raises(ModelUnavailable, match="evaluation_record.*ainode weights verify"):
+        load_manifest(p)
+    # a free-text evaluation note is not evidence: verified still needs the record `weights verify` writes
+    p.write_text("name: x\nversion: '1'\nlabels: [A]\ninput: {normalisation: {kind: unit}}\nverified: true\n"
+                 "evaluation: 'trust me'\n")
+    with pytest.raises(ModelUnavailable, match="evaluation_record"):
         load_manifest(p)
     p.write_text("name: x\nversion: '1'\nlabels: [A]\ninput: {normalisation: {kind: unit}}\n"
                  "thresholds: {A: {possible: 0.9, present: 0.2}}\n")

@@ -72,19 +72,19 @@ def test_old_torchvision_key_names_and_dataparallel_prefix():
                                        "classifier.0.bias": 3}
 
 
-def test_cli_main_and_verified_needs_evaluation(tmp_path, capsys):
+def test_cli_import_never_verifies(tmp_path, capsys):
+    """--verified is gone: an import is always verified: false; `weights verify` is the only way to true."""
     net = random_densenet(14, 3, True, (-2.1, 2.6), seed=3)
     ckpt = save_chexnet_checkpoint(net, tmp_path / "checkpoint")
     rc = W.main(["import", "--format", "chexnet", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m"),
-                 "--verified"])
-    assert rc == 1 and "--evaluation" in capsys.readouterr().err
+                 "--verified", "--evaluation", "Local AUC study 2026, report QA-17"])
+    assert rc == 2 and "ainode weights verify" in capsys.readouterr().err
     assert not (tmp_path / "m" / "manifest.yaml").exists()
     rc = W.main(["import", "--format", "chexnet", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m"),
-                 "--verified", "--evaluation", "Local AUC study 2026, report QA-17", "--name", "chexnet-site",
-                 "--version", "2026.1"])
+                 "--name", "chexnet-site", "--version", "2026.1"])
     assert rc == 0
     m = load_manifest(tmp_path / "m" / "manifest.yaml")
-    assert m.verified and m.evaluation.startswith("Local AUC") and m.name == "chexnet-site" and m.version == "2026.1"
+    assert not m.verified and m.evaluation_record is None and m.name == "chexnet-site" and m.version == "2026.1"
     assert W.main(["check", str(tmp_path / "m")]) == 0
 
 

@@ -68,6 +68,8 @@ def algorithm(result: PipelineResult) -> AlgorithmIdentification:
         params.append(f"weights-sha256={result.model.sha256}")
     if result.unverified:
         params.append("model-verified=false")
+    elif result.model and result.model.evaluation:
+        params.append(f"model-verified=true; {result.model.evaluation}")
     return AlgorithmIdentification(name=model_name(result)[:64], version=model_version(result)[:64],
                                    parameters=params)
 

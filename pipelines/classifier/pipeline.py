@@ -255,6 +255,7 @@ class ClassifierPipeline(Pipeline):
                                  "probabilities": {label: [round(float(v), 5) for v in sc.probs[:, j]]
                                                    for j, label in enumerate(labels)}} for sc in scored],
                      "aggregation": spec.aggregation.model_dump(), "providers": runner.providers,
+                     "probabilities": {label: float(study_probs[j]) for j, label in enumerate(labels)},
                      "critical_policy": policy.to_dict()},
         )
         result.warnings += notes

@@ -205,6 +205,7 @@ class CXRPipeline(Pipeline):
         result.narrative = narrative
         result.details.update({
             "labels": per_label,
+            "probabilities": {label: float(probs[:, j].max()) for j, label in enumerate(m.labels) if label},
             "images": [{"sop_instance_uid": im.ref.sop_instance_uid, "view": im.prepared.view,
                         "preprocessing": im.prepared.notes} for im in images],
             "providers": runner.providers,
