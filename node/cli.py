@@ -54,6 +54,11 @@ def _serve(args: argparse.Namespace, with_workers: bool) -> int:
     from node.service import Listener
 
     cfg = _load(args)
+    from node.web.auth import refusal
+
+    if (why := refusal(cfg)) is not None:
+        print(f"ainode: not starting: {why}", file=sys.stderr)
+        return EXIT_CONFIG
     redis_srv = None
     url = cfg.broker.url
     if url is None:
@@ -85,7 +90,7 @@ def _serve(args: argparse.Namespace, with_workers: bool) -> int:
             try:
                 from node.web import WebServer
 
-                web = WebServer(listener, cfg.node.host, cfg.node.web_port)
+                web = WebServer(listener, cfg.node.web_host, cfg.node.web_port, config_path=args.config)
                 web.start()
             except ImportError:
                 pass

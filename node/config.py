@@ -61,6 +61,7 @@ class NodeConfig(_Strict):
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")
     tls: TLSConfig | None = None
     web_port: int | None = 8080
+    web_host: str = "127.0.0.1"  # the console; beyond loopback only with console credentials
     no_route_retention_hours: float = Field(24.0, ge=0)
     housekeeping_seconds: float = Field(30.0, gt=0)  # how often retention and outbox clean-up run
     allow_unverified_models: bool = False
@@ -161,6 +162,35 @@ class RouteConfig(_Strict):
         return v
 
 
+class ConsoleUser(_Strict):
+    """A local console user; the hash comes from ``ainode console hash-password`` (argon2id)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["viewer", "admin"] = "viewer"
+    password_hash: str
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hashed(cls, v: str) -> str:
+        if not v.startswith("$argon2"):
+            raise ValueError("not an argon2 password hash; make one with: ainode console hash-password")
+        return v
+
+
+class ConsoleConfig(_Strict):
+    """Who may use the web console. ``token`` is meant to come from the environment
+    (``AINODE_CONSOLE__TOKEN``), never from the file; it authenticates API and /metrics clients."""
+
+    users: list[ConsoleUser] = []
+    token: str | None = None
+    token_role: Literal["viewer", "admin"] = "viewer"
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    audit_log: Path | None = None  # default: <storage_dir>/audit.jsonl
+
+    def has_credentials(self) -> bool:
+        return bool(self.users) or bool(self.token)
+
+
 class Config(_Strict):
     node: NodeConfig = NodeConfig()
     broker: BrokerConfig = BrokerConfig()
@@ -171,6 +201,7 @@ class Config(_Strict):
     notify: NotifyConfig = NotifyConfig()
     routes: list[RouteConfig] = []
     pipelines: dict[str, dict[str, Any]] = {}
+    console: ConsoleConfig = ConsoleConfig()
 
     @property
     def storage_dir(self) -> Path:
