@@ -95,6 +95,7 @@ class PeerConfig(_Strict):
     port: int | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    _port = field_validator("port")(classmethod(lambda cls, v: None if v is None else _check_port(v)))
 
 
 class DestinationConfig(_Strict):
@@ -110,6 +111,8 @@ class DestinationConfig(_Strict):
     sr_class: Literal["comprehensive", "comprehensive3d"] = "comprehensive"
     language: Literal["en", "zh"] | None = None
     retry_max_hours: float = Field(24.0, gt=0)
+
+    _port = field_validator("port")(classmethod(lambda cls, v: None if v is None else _check_port(v)))
 
     @model_validator(mode="after")
     def _complete(self) -> DestinationConfig:
