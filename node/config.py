@@ -341,6 +341,9 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
 
             known_pipelines = set(available_pipelines())
         problems = semantic_problems(cfg, known_pipelines)
+        from node.pipeline_options import option_problems
+
+        problems += option_problems(cfg, known_pipelines)
         if problems:
             raise ConfigError(problems, source)
     return cfg
