@@ -161,7 +161,7 @@ def routes(c: Console) -> list[Route]:
         who = await c.require(request, "admin")
         kind = request.path_params["kind"]
         if kind not in KINDS:
-            return c.page(request, "message.html", status=404, title="Unknown action", message=kind)
+            return c.page(request, "message.html", status=404, title="Unknown action", error_text=kind)
         form = await request.form()
         text, keys = KINDS[kind]
         fields = {k: str(form.get(k, "")) for k in keys}

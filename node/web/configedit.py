@@ -208,11 +208,11 @@ def routes(c: Console) -> list[Route]:
         section, index = request.path_params["section"], request.path_params["index"]
         if section not in SECTIONS or cfile() is None:
             return c.page(request, "message.html", status=404, title="Not editable",
-                          message="the node was started without a config file (--config), so there is none to edit")
+                          error_text="the node was started without a config file (--config), so there is none to edit")
         try:
             _, item, i = current_item(section, index)
         except (IndexError, ValueError):
-            return c.page(request, "message.html", status=404, title="No such item", message=f"{section}[{index}]")
+            return c.page(request, "message.html", status=404, title="No such item", error_text=f"{section}[{index}]")
         return c.page(request, "config_edit.html", section=section, index=index, specs=SECTIONS[section],
                       values=item_view(section, dict(item)), errors={}, other=[])
 
@@ -221,7 +221,7 @@ def routes(c: Console) -> list[Route]:
         section, index = request.path_params["section"], request.path_params["index"]
         cf = cfile()
         if section not in SECTIONS or cf is None:
-            return c.page(request, "message.html", status=404, title="Not editable", message=section)
+            return c.page(request, "message.html", status=404, title="Not editable", error_text=section)
         form = await request.form()
         data, item, i = current_item(section, index)
         before = _plain(item) if index != "new" else None

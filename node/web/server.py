@@ -142,7 +142,7 @@ def build_app(console: Console) -> Starlette:
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
         if exc.status == 401:
             return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
-        return console.page(request, "message.html", status=exc.status, title="Not allowed", message=exc.message)
+        return console.page(request, "message.html", status=exc.status, title="Not allowed", error_text=exc.message)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return PlainTextResponse("not found\n", status_code=404)

@@ -82,7 +82,7 @@ def routes(c: Console) -> list[Route]:
         s, steps, jobs = await run_in_threadpool(data.timeline, c.listener, uid)
         if s is None:
             return c.page(request, "message.html", status=404, title="No such study",
-                          message="No study with this UID is known here.")
+                          error_text="No study with this UID is known here.")
         done_jobs = [j for j in jobs if j["state"] == "done"]
         return c.page(request, "study.html", s=s, steps=steps, jobs=jobs, done_jobs=done_jobs,
                       destinations=[d.name for d in c.listener.cfg.destinations], quote=quote,
