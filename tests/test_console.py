@@ -138,6 +138,15 @@ def test_access_control_audit_and_metrics(node_factory, tmp_path: Path) -> None:
     assert value("ainode_inference_seconds_count", pipeline="probe") == 2
     assert value("ainode_studies", state="done") == 1 and value("ainode_instances_stored") == 3
     assert "ainode_queue_depth" in fams and value("ainode_disk_free_bytes") > 0
+    assert value("ainode_studies_received_total") == 1
+
+    # every series the shipped Grafana dashboard plots is one the node exports
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", m)
+            for m in re.findall(r"ainode_[a-z_]+", (deploy / "grafana-dashboard.json").read_text())}
+    assert len(used) >= 10 and used <= set(fams), used - set(fams)
+    job = yaml.safe_load((deploy / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and job["authorization"]["type"] == "Bearer"
 
     # the audit log: logins (failed too), refusals, the action once plus its repeat; never a password
     entries = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()]

@@ -69,18 +69,18 @@ class _StateGauges:
         n = st.one("SELECT COUNT(*) n, COALESCE(SUM(size),0) b FROM instances")
         yield GaugeMetricFamily("ainode_instances_stored", "Instances in the spool.", value=n["n"])
         yield GaugeMetricFamily("ainode_spool_bytes", "Bytes of instances in the spool.", value=n["b"])
+        g = GaugeMetricFamily("ainode_deliveries", "Result deliveries by destination and state.",
+                              labels=["destination", "state"])
         if "deliveries" in tables:
-            g = GaugeMetricFamily("ainode_deliveries", "Result deliveries by destination and state.",
-                                  labels=["destination", "state"])
             for r in st.query("SELECT destination, state, COUNT(*) n FROM deliveries GROUP BY destination, state"):
                 g.add_metric([r["destination"], r["state"]], r["n"])
-            yield g
+        yield g
+        g = GaugeMetricFamily("ainode_notifications", "Critical-finding notifications by channel and state.",
+                              labels=["channel", "state"])
         if "notify_deliveries" in tables:
-            g = GaugeMetricFamily("ainode_notifications", "Critical-finding notifications by channel and state.",
-                                  labels=["channel", "state"])
             for r in st.query("SELECT channel, state, COUNT(*) n FROM notify_deliveries GROUP BY channel, state"):
                 g.add_metric([r["channel"], r["state"]], r["n"])
-            yield g
+        yield g
         du = shutil.disk_usage(self.listener.spool.root)
         yield GaugeMetricFamily("ainode_disk_free_bytes", "Free bytes on the storage volume.", value=du.free)
         yield GaugeMetricFamily("ainode_disk_total_bytes", "Size of the storage volume.", value=du.total)
@@ -93,6 +93,7 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.instances = Counter("ainode_instances_received", "Instances received and stored.", registry=r)
+        self.studies = Counter("ainode_studies_received", "Studies whose first instance arrived.", registry=r)
         self.bytes = Counter("ainode_bytes_received", "Bytes of instances received and stored.", registry=r)
         self.associations = Counter("ainode_associations", "Associations by outcome (accepted, or the reason "
                                     "for rejecting).", ["outcome"], registry=r)
@@ -161,6 +162,9 @@ class NodeMetrics:
                                               (since,)), "sop_uid", "received"):
             self.instances.inc()
             self.bytes.inc(r["size"] or 0)
+        for _ in self._fresh("study", st.query("SELECT study_uid, first_received FROM studies WHERE first_received>=?",
+                                               (since,)), "study_uid", "first_received"):
+            self.studies.inc()
         for _ in self._fresh("assoc", st.query("SELECT assoc_id, started FROM associations WHERE started>=?",
                                                (since,)), "assoc_id", "started"):
             self.associations.labels("accepted").inc()
