@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 WINDOW_S = 120.0  # rows are looked for this far back; must exceed the longest commit delay
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# the tracker and the dashboard look rows up by time: without these every pass would scan whole tables
+INDEXES = """
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received);
+CREATE INDEX IF NOT EXISTS studies_first_received ON studies(first_received);
+CREATE INDEX IF NOT EXISTS studies_completed ON studies(completed);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished);
+CREATE INDEX IF NOT EXISTS associations_started ON associations(started);
+"""
+DELIVERY_INDEXES = """
+CREATE INDEX IF NOT EXISTS deliveries_sent ON deliveries(sent);
+CREATE INDEX IF NOT EXISTS deliveries_last_attempt ON deliveries(last_attempt);
+"""
 
 
 def _tables(listener: Listener) -> set[str]:
@@ -113,6 +125,9 @@ class NodeMetrics:
         for s in ("receive_to_complete", "complete_to_result", "result_to_delivered", "end_to_end"):
             self.stage.labels(s)
         r.register(_StateGauges(listener))  # type: ignore[arg-type]
+        listener.state.ensure_schema(INDEXES)
+        if "deliveries" in _tables(listener):
+            listener.state.ensure_schema(DELIVERY_INDEXES)
         self._seen: dict[str, dict[Any, float]] = {}
         self._since = time.time()
         self._lock = threading.Lock()

@@ -34,6 +34,10 @@ def routes(c: Console) -> list[Route]:
         body = await run_in_threadpool(status_data, c.listener.cfg)
         return Response(json.dumps(body, default=str), media_type="application/json")
 
+    async def api_dashboard(request: Request) -> Response:
+        await c.require(request)
+        return JSONResponse(await run_in_threadpool(data.dashboard, c.listener))
+
     async def login_form(request: Request) -> Response:
         return c.page(request, "login.html", next=request.query_params.get("next", "/"), error="")
 
@@ -95,6 +99,7 @@ def routes(c: Console) -> list[Route]:
     return [
         Route("/healthz", healthz),
         Route("/api/status", api_status),
+        Route("/api/dashboard", api_dashboard),
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
