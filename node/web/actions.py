@@ -82,7 +82,10 @@ class Operations:
                                    (uuid.uuid4().hex, study_uid, p, r.name, gen, ihash, len(instances), "pending",
                                     r.priority, now)).rowcount
         st.event("console", f"re-run of {n} pipeline job(s) asked by {who}", study_uid)
-        jm.publish_pending()
+        # the scheduler thread is the one that publishes (two publishers could send a job twice): ask it
+        # to do its periodic pass, which publishes pending jobs, at its next tick
+        self.listener._last_housekeeping = 0.0
+        self.listener._wake.set()
         return f"{n} job(s) queued again"
 
     def resend(self, job_id: str, destination: str, who: str) -> str:

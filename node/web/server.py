@@ -85,13 +85,14 @@ class Console:
             return auth.from_header(header, request.method in READ_METHODS)
         user = request.session.get("user")
         if user and request.session.get("exp", 0) > time.time():
-            if user == "local" and auth.open_local:
-                return Identity("local", "admin", "local")
-            role = auth.current_role(user)
-            if role:
+            if request.session.get("local"):  # an open-local session is worth nothing once credentials exist
+                if auth.open_local:
+                    return Identity("local", "admin", "local")
+            elif (role := auth.current_role(user)) is not None:
                 return Identity(user, role, "session")
         if auth.open_local:
             request.session["user"] = "local"
+            request.session["local"] = True
             request.session["exp"] = time.time() + 3600 * self.listener.cfg.console.session_hours
             return Identity("local", "admin", "local")
         return None
