@@ -112,3 +112,12 @@ def test_cancel_retry_dead_letters_route_tester_and_secrets(node_factory, tmp_pa
     assert dest["url"].endswith(":10/dicom-web") and dest["bearer_token"] == "TOPSECRET-42"
     audit = (tmp_path / "var" / "audit.jsonl").read_text()
     assert "TOPSECRET-42" not in audit and '"bearer_token": "***"' in audit
+
+    # the console refuses an unknown pipeline option at its field, and writes nothing
+    before = node.config_path.read_bytes()
+    form = {"csrf": c.csrf("/config/routes/0"), "name": "everything", "match": "{Modality: CT}",
+            "pipelines": "echo", "destinations": "late", "options": "{modle: x}"}
+    r = c.s.post(base + "/config/routes/0", data=form, timeout=60)
+    assert r.status_code == 422 and 'id="err-options"' in r.text, r.text[-1500:]
+    assert "unknown option &#39;modle&#39; for pipeline(s) echo" in r.text and "valid options:" in r.text
+    assert node.config_path.read_bytes() == before
