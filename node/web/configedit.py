@@ -27,7 +27,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from node.config import Config, ConfigError, Problem, load_config
-from node.web.audit import mask_secrets
+from node.web.audit import MASK, mask_secrets
 
 if TYPE_CHECKING:
     from node.web.server import Console
@@ -234,6 +234,8 @@ def routes(c: Console) -> list[Route]:
                 present, value = _parse_field(spec, str(form.get(spec.name, "")))
                 if spec.kind == "secret" and not present:
                     continue  # empty secret field: keep what is there
+                if spec.kind == "yaml" and present:
+                    value = _unmask(value, _plain(item.get(spec.name)))
                 if isinstance(value, ValueError):
                     errors[spec.name] = str(value)
                 elif present:
@@ -293,6 +295,16 @@ def routes(c: Console) -> list[Route]:
             Route("/config/echo", echo, methods=["POST"]),
             Route("/config/{section}/{index}", edit_form, methods=["GET"]),
             Route("/config/{section}/{index}", edit_save, methods=["POST"])]
+
+
+def _unmask(new: Any, old: Any) -> Any:
+    """Secrets were shown as ``***``: where the submitted value still says so, keep the stored one."""
+    if new == MASK:
+        return old
+    if isinstance(new, dict):
+        prev = old if isinstance(old, dict) else {}
+        return {k: _unmask(v, prev.get(k)) for k, v in new.items()}
+    return new
 
 
 def _plain(value: Any) -> Any:
