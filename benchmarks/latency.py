@@ -45,6 +45,19 @@ def wait_files(scp: StoreSCP, n: int, timeout: float = 120) -> float:
     raise TimeoutError(f"only {len(scp.files())} of {n} result objects arrived")
 
 
+def node_latency(web_port: int) -> None:
+    """The node's own view of the same runs: per-stage p50/p95 over the last hour, as the console shows."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/dashboard", timeout=30) as r:
+        lat = json.loads(r.read())["latency"]
+    for stage, v in lat.items():
+        p50 = "-" if v["p50"] is None else f"{v['p50']:.2f} s"
+        p95 = "-" if v["p95"] is None else f"{v['p95']:.2f} s"
+        print(f"  node metric {stage:<20} n={v['n']:<4} p50 {p50:>8}  p95 {p95:>8}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -61,8 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         scp = StoreSCP(tmp / "pacs", aet="PACS").start()
-        port = free_port()
-        cfg = base_config(tmp / "var", port)
+        port, web = free_port(), free_port()
+        cfg = base_config(tmp / "var", port, web_port=web)
         cfg["destinations"] = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": scp.port}]
         cfg["delivery"] = {"poll_seconds": 1}
         cfg["routes"] = [
@@ -93,6 +106,7 @@ def main() -> None:
             print(f"CT {args.ct_slices} slices (quiet {args.quiet:g} s): median {statistics.median(ct_times):.2f} s"
                   f" = quiet {args.quiet:g} s + {statistics.median(ct_times) - args.quiet:.2f} s  runs "
                   + " ".join(f"{t:.2f}" for t in ct_times) + "   target <= 3 s + quiet")
+            node_latency(web)
         finally:
             node.stop()
             scp.stop()

@@ -54,6 +54,11 @@ def _serve(args: argparse.Namespace, with_workers: bool) -> int:
     from node.service import Listener
 
     cfg = _load(args)
+    from node.web.auth import refusal
+
+    if (why := refusal(cfg)) is not None:
+        print(f"ainode: not starting: {why}", file=sys.stderr)
+        return EXIT_CONFIG
     redis_srv = None
     url = cfg.broker.url
     if url is None:
@@ -67,6 +72,8 @@ def _serve(args: argparse.Namespace, with_workers: bool) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: hup.set())  # reload the config file (node.reload)
     workers: list[subprocess.Popen[bytes]] = []
     env = dict(os.environ, AINODE_BROKER__URL=url)
 
@@ -85,7 +92,7 @@ def _serve(args: argparse.Namespace, with_workers: bool) -> int:
             try:
                 from node.web import WebServer
 
-                web = WebServer(listener, cfg.node.host, cfg.node.web_port)
+                web = WebServer(listener, cfg.node.web_host, cfg.node.web_port, config_path=args.config)
                 web.start()
             except ImportError:
                 pass
@@ -95,6 +102,9 @@ def _serve(args: argparse.Namespace, with_workers: bool) -> int:
               f"broker {'embedded Redis' if redis_srv else 'external'}; "
               f"{cfg.workers.concurrency if with_workers else 0} worker process(es). Ctrl-C stops.", flush=True)
         while not stop.wait(1.0):
+            if hup.is_set():
+                hup.clear()
+                reload_from_file(args, listener)
             for i, w in enumerate(workers):
                 if w.poll() is not None:
                     restarts = [t for t in restarts if time.time() - t < 60] + [time.time()]
@@ -122,6 +132,22 @@ def _serve(args: argparse.Namespace, with_workers: bool) -> int:
             redis_srv.stop()
         log.info("stopped")
     return 0
+
+
+def reload_from_file(args: argparse.Namespace, listener: Any) -> bool:
+    """SIGHUP: read the config file again; a file with problems changes nothing and says why."""
+    from node.web.auth import refusal
+
+    try:
+        cfg = _load(args)
+    except (ConfigError, OSError) as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return False
+    if (why := refusal(cfg)) is not None:
+        log.error("reload refused, the running configuration stays: %s", why)
+        return False
+    listener.reload(cfg)
+    return True
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -492,6 +518,19 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return int(weights.main(args.rest))
 
 
+def cmd_console_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from node.web.auth import hash_password
+
+    password = getpass.getpass("console password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        print("console hash-password: use at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ainode", description="AI inference node for a DICOM network")
@@ -534,6 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("paths", nargs="+")
     rt.add_argument("--calling-ae", default="", help="calling AE title to assume")
     rt.set_defaults(fn=cmd_route_test)
+    con = sub.add_parser("console", help="web console tools")
+    consub = con.add_subparsers(dest="console_command", required=True)
+    hp = consub.add_parser("hash-password", help="print an argon2 hash for console.users (password from the "
+                           "terminal, or one line of stdin)")
+    hp.set_defaults(fn=cmd_console_hash_password)
     wt = sub.add_parser("weights", help="import and inspect model weights", add_help=False)
     wt.add_argument("rest", nargs=argparse.REMAINDER)
     wt.set_defaults(fn=cmd_weights)

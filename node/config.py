@@ -61,6 +61,7 @@ class NodeConfig(_Strict):
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")
     tls: TLSConfig | None = None
     web_port: int | None = 8080
+    web_host: str = "127.0.0.1"  # the console; beyond loopback only with console credentials
     no_route_retention_hours: float = Field(24.0, ge=0)
     housekeeping_seconds: float = Field(30.0, gt=0)  # how often retention and outbox clean-up run
     allow_unverified_models: bool = False
@@ -112,6 +113,7 @@ class PeerConfig(_Strict):
     port: int | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    _port = field_validator("port")(classmethod(lambda cls, v: None if v is None else _check_port(v)))
 
 
 class DestinationConfig(_Strict):
@@ -127,6 +129,8 @@ class DestinationConfig(_Strict):
     sr_class: Literal["comprehensive", "comprehensive3d"] = "comprehensive"
     language: Literal["en", "zh"] | None = None
     retry_max_hours: float = Field(24.0, gt=0)
+
+    _port = field_validator("port")(classmethod(lambda cls, v: None if v is None else _check_port(v)))
 
     @model_validator(mode="after")
     def _complete(self) -> DestinationConfig:
@@ -189,6 +193,35 @@ class RouteConfig(_Strict):
         return v
 
 
+class ConsoleUser(_Strict):
+    """A local console user; the hash comes from ``ainode console hash-password`` (argon2id)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["viewer", "admin"] = "viewer"
+    password_hash: str
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hashed(cls, v: str) -> str:
+        if not v.startswith("$argon2"):
+            raise ValueError("not an argon2 password hash; make one with: ainode console hash-password")
+        return v
+
+
+class ConsoleConfig(_Strict):
+    """Who may use the web console. ``token`` is meant to come from the environment
+    (``AINODE_CONSOLE__TOKEN``), never from the file; it authenticates API and /metrics clients."""
+
+    users: list[ConsoleUser] = []
+    token: str | None = None
+    token_role: Literal["viewer", "admin"] = "viewer"
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    audit_log: Path | None = None  # default: <storage_dir>/audit.jsonl
+
+    def has_credentials(self) -> bool:
+        return bool(self.users) or bool(self.token)
+
+
 class Config(_Strict):
     node: NodeConfig = NodeConfig()
     broker: BrokerConfig = BrokerConfig()
@@ -199,6 +232,7 @@ class Config(_Strict):
     notify: NotifyConfig = NotifyConfig()
     routes: list[RouteConfig] = []
     pipelines: dict[str, dict[str, Any]] = {}
+    console: ConsoleConfig = ConsoleConfig()
 
     @property
     def storage_dir(self) -> Path:
@@ -339,6 +373,9 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
 
             known_pipelines = set(available_pipelines())
         problems = semantic_problems(cfg, known_pipelines)
+        from node.pipeline_options import option_problems
+
+        problems += option_problems(cfg, known_pipelines)
         if problems:
             raise ConfigError(problems, source)
     return cfg

@@ -51,6 +51,7 @@ class Listener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_housekeeping = 0.0
+        self._reload_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -77,6 +78,13 @@ class Listener:
         if self.notifier is not None:
             self.notifier.stop()
         self.state.close()
+
+    def reload(self, cfg: Config) -> list[str]:
+        """Use ``cfg`` for new associations and new work (see node.reload); returns keys needing a restart."""
+        from node.reload import apply
+
+        with self._reload_lock:
+            return apply(self, cfg)
 
     def _start_delivery(self) -> None:
         if not self.cfg.destinations:

@@ -336,6 +336,8 @@ class Pipeline(ABC):
     sop_classes: ClassVar[frozenset[str] | None] = None  # None = any storage class
     device: ClassVar[Literal["cpu", "gpu"]] = "cpu"
     memory_mb: ClassVar[int] = 1024
+    # a pydantic model of the options it reads (extra keys forbidden); None accepts any option
+    Options: ClassVar[Any] = None
     min_instances: ClassVar[int] = 1
     max_instances: ClassVar[int | None] = None
     needs_pixels: ClassVar[bool] = True

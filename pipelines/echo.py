@@ -16,10 +16,12 @@ from pipelines.base import (
     PipelineResult,
     StudyInput,
 )
+from pipelines.options import EchoOptions
 
 
 class EchoPipeline(Pipeline):
     name = "echo"
+    Options = EchoOptions  # every option this pipeline reads (node.pipeline_options)
     version = "1.1.0"
     needs_pixels = False  # headers say all it reports; the results writer reads the key image itself
 

@@ -23,7 +23,7 @@ _PIXELMED_CACHE = tempfile.mkdtemp(prefix="ainode-test-pixelmed-")
 os.environ["AINODE_PIXELMED_CACHE"] = _PIXELMED_CACHE
 
 REQUIRED_TOOLS = ["/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu", "/usr/bin/dsrdump", "dciodvfy",
-                  "/usr/bin/dcmcjpls", "/usr/bin/dcmcrle", "Orthanc", "java", "/usr/bin/docker-compose"]
+                  "/usr/bin/dcmcjpls", "/usr/bin/dcmcrle", "Orthanc", "java", "/usr/bin/docker-compose", "chromium"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

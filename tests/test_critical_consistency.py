@@ -20,7 +20,6 @@ the expected set. Before the policy was decided once, the narrative and SC follo
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 from dataclasses import dataclass
@@ -222,9 +221,14 @@ def red_rows(sc: pydicom.Dataset) -> int:
 def metric_counts(web_port: int) -> dict[str, int]:
     """``ainode_critical_findings`` per finding name (summed over pipelines)."""
     text = requests.get(f"http://127.0.0.1:{web_port}/metrics", timeout=10).text
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, int] = {}
-    for m in re.finditer(r'^ainode_critical_findings\{pipeline="(.*?)",finding="(.*?)"\} (\d+)$', text, re.M):
-        out[m[2]] = out.get(m[2], 0) + int(m[3])
+    for family in text_string_to_metric_families(text):
+        if family.name == "ainode_critical_findings":
+            for sample in family.samples:
+                name = sample.labels["finding"]
+                out[name] = out.get(name, 0) + int(sample.value)
     return out
 
 

@@ -33,6 +33,7 @@ from pipelines.base import (
     StudyInput,
 )
 from pipelines.models import Manifest, ModelRunner, resolve_manifest
+from pipelines.options import ClassifierOptions
 from pipelines.policy import LabelNames, Vocabulary, effective
 
 from .montage import render_montage
@@ -100,6 +101,7 @@ class ClassifierPipeline(Pipeline):
     or a path), ``weights_dir``, ``allow_unverified_models``, ``providers`` (ONNX Runtime provider list)."""
 
     name = "classifier"
+    Options = ClassifierOptions  # every option this pipeline reads (node.pipeline_options)
     version = "1.0.0"
     modalities = frozenset({"CT", "MR", "CR", "DX"})  # the manifest narrows this per model
     device = "gpu"

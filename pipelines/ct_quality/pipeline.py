@@ -50,6 +50,7 @@ from pipelines.ct_quality.roi import (
     place_rois,
     smoothing_mm,
 )
+from pipelines.options import ct_quality_options
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ class CTQualityPipeline(Pipeline):
     """Image quality and dose report for every axial CT series of a study."""
 
     name = "ct_quality"
+    Options = ct_quality_options()  # every option this pipeline reads (node.pipeline_options)
     version = "1.0.0"
     modalities = frozenset({"CT", "SR"})
     device = "cpu"

@@ -44,6 +44,7 @@ from pipelines.cxr.labeller import check_consistency
 from pipelines.cxr.labels import Concept, concept_for
 from pipelines.cxr.preprocess import ImageRefused, Prepared, prepare
 from pipelines.models import Manifest, ModelRunner, load_manifest, load_model, resolve_manifest
+from pipelines.options import CXROptions
 from pipelines.policy import LabelNames, Vocabulary, effective
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def _truthy(v: Any) -> bool:
 
 class CXRPipeline(Pipeline):
     name = "cxr"
+    Options = CXROptions  # every option this pipeline reads (node.pipeline_options)
     version = "1.0.0"
     modalities = frozenset({"CR", "DX"})
     device = "cpu"  # DenseNet-121 at 224² is ~50 ms per image on a CPU core; GPU hosts still pick CUDA/TensorRT

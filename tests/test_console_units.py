@@ -1,0 +1,41 @@
+"""Pure pieces of the console: secret masking round trip, problem-to-field mapping, loopback rules."""
+
+from __future__ import annotations
+
+from node.config import Config, ConsoleConfig, Problem
+from node.web.audit import mask_secrets
+from node.web.auth import Authenticator, hash_password, is_loopback, refusal
+from node.web.configedit import _unmask, field_errors
+
+
+def test_masked_secrets_shown_in_a_form_come_back_unchanged() -> None:
+    stored = {"openai": {"api_key": "REAL-KEY", "model": "m"}, "bearer_token": "T0K"}
+    shown = mask_secrets(stored)
+    assert shown == {"openai": {"api_key": "***", "model": "m"}, "bearer_token": "***"}
+    edited = {**shown, "openai": {**shown["openai"], "model": "m2"}}
+    assert _unmask(edited, stored) == {"openai": {"api_key": "REAL-KEY", "model": "m2"}, "bearer_token": "T0K"}
+    assert _unmask({"openai": {"api_key": "NEW"}}, stored)["openai"]["api_key"] == "NEW"
+
+
+def test_problems_land_on_the_edited_field() -> None:
+    probs = [Problem("destinations[1].port", "port 99999 is out of range"), Problem("destinations[1]", "needs url"),
+             Problem("routes[0].destinations[0]", "unknown destination 'x'"), Problem("destinations[0].port", "z")]
+    by_field, other = field_errors(probs, "destinations", 1)
+    assert by_field == {"port": "port 99999 is out of range"}
+    assert other == ["needs url", "routes[0].destinations[0]: unknown destination 'x'", "destinations[0].port: z"]
+
+
+def test_exposure_rules() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    open_cfg = Config.model_validate({"node": {"web_host": "0.0.0.0"}})
+    assert "node.web_host" in (refusal(open_cfg) or "")
+    assert refusal(Config.model_validate({"node": {"web_host": "0.0.0.0"}, "console": {"token": "t"}})) is None
+    assert refusal(Config.model_validate({"node": {"web_host": "0.0.0.0", "web_port": None}})) is None
+    users = ConsoleConfig(users=[{"name": "ada", "role": "admin", "password_hash": hash_password("pw")}])
+    auth = Authenticator(users, loopback=True)
+    assert not auth.open_local, "configured credentials apply on loopback too"
+    assert auth.check_password("ada", "pw").role == "admin"
+    assert auth.check_password("ada", "nope") is None and auth.check_password("bob", "pw") is None
+    assert Authenticator(ConsoleConfig(), loopback=True).open_local
+    assert not Authenticator(ConsoleConfig(), loopback=False).open_local
