@@ -147,8 +147,20 @@ def test_full_disk_says_why_and_the_watermark_frees_it(node_factory, tmp_path: P
             assert refused is not None, "the node never answered 0xA700 on a full disk"
             for uid in sent:
                 node.wait_study(uid, ("DONE",))
-            code, checks = wait_for(lambda: (h := _healthz(web))[1].get("storage", "ok") != "ok" and h, 30, 0.5,
-                                    "healthz reporting a full disk")
+            refusal = [ln for ln in node.log_text().splitlines() if "C-STORE from MODALITY1 refused" in ln]
+            assert refusal and "above high water 60%, and no study may be deleted" in refusal[0]
+            assert "results not yet delivered" in refusal[0]
+            top_up = iter(range(100, 120))
+
+            def full() -> tuple[int, dict[str, Any]] | None:
+                """The disk hovers at the watermark (a WAL checkpoint frees a little): top it up until full."""
+                h = _healthz(web)
+                if h[1].get("storage", "ok") != "ok":
+                    return h
+                storescu(node.port, ct_series(tmp_path / f"top{next(top_up)}", 4, size=512), check=False)
+                return None
+
+            code, checks = wait_for(full, 120, 1.0, "healthz reporting a full disk")
             assert code == 503
             assert checks["storage"].startswith("full: disk ") and "above high water 60%" in checks["storage"]
             assert "no study may be deleted" in checks["storage"] and "answers 0xA700" in checks["storage"]
