@@ -50,8 +50,11 @@ def purge_record(query: Any, study_uid: str) -> dict[str, Any] | None:
     return dict(rows[0]) if rows else None
 
 
-def rerun_study(state: State, jobs: Any, study_uid: str) -> list[str]:
+def rerun_study(state: State, jobs: Any, study_uid: str, publish: bool = True) -> list[str]:
     """New jobs, with the current instances, for every pipeline the study ran; returns their ids.
+
+    Only the scheduler thread publishes (two publishers could send a job twice): a caller on another
+    thread (the console) passes ``publish=False`` and wakes the scheduler instead.
 
     Raises StudyPurged when its instances are gone, RerunRefused when the study is unknown or busy."""
     study = state.one("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
@@ -93,7 +96,8 @@ def rerun_study(state: State, jobs: Any, study_uid: str) -> list[str]:
             created.append(job_id)
     state.event("rerun", f"re-run requested: {len(created)} job(s)", study_uid)
     log.info("study %s: re-run, %d new job(s)", study_uid, len(created))
-    jobs.publish_pending()
+    if publish:
+        jobs.publish_pending()
     return created
 
 

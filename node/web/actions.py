@@ -13,7 +13,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -22,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from node.jobs import ACTIVE, instances_hash
+from node.jobs import ACTIVE
 
 if TYPE_CHECKING:
     from node.service import Listener
@@ -53,40 +52,26 @@ class Operations:
         return self.listener.delivery
 
     def rerun(self, study_uid: str, who: str) -> str:
+        """The same re-run as ``ainode rerun`` (node.lifecycle.rerun): a purged study is answered with when
+        its instances went, a busy one with "nothing done"."""
+        from node.lifecycle.rerun import RerunRefused, StudyPurged, rerun_study
+
         st = self.listener.state
-        jm = self.listener.jobs
-        if st.one("SELECT 1 FROM studies WHERE study_uid=?", (study_uid,)) is None:
-            raise ActionError("no such study")
         active = st.one(f"SELECT COUNT(*) n FROM jobs WHERE study_uid=? AND state IN ({','.join('?' * len(ACTIVE))})",
                         (study_uid, *ACTIVE))["n"]
         if active:
             return f"nothing done: {active} job(s) of this study are still queued or running"
-        routes = jm.routes_for(study_uid)
-        if not routes:
-            raise ActionError("no route matches this study now, so there is no pipeline to run")
-        instances = st.study_instances(study_uid)
-        if not instances:
-            raise ActionError("the study's instances are no longer stored (purged)")
-        # a fresh hash: the job table keeps one job per (study, pipeline, instance set), and a re-run is new work
-        ihash = instances_hash([r["sop_uid"] for r in instances]) + f":rerun:{uuid.uuid4().hex[:12]}"
-        now = time.time()
-        n = 0
-        with st.tx() as c:
-            c.execute("UPDATE studies SET state='complete', generation=generation+1, route=?, updated=?"
-                      " WHERE study_uid=?", (",".join(r.name for r in routes), now, study_uid))
-            gen = c.execute("SELECT generation FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0]
-            for r in routes:
-                for p in r.pipelines:
-                    n += c.execute("INSERT INTO jobs(job_id, study_uid, pipeline, route, generation, instances_hash,"
-                                   " n_instances, state, priority, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                   (uuid.uuid4().hex, study_uid, p, r.name, gen, ihash, len(instances), "pending",
-                                    r.priority, now)).rowcount
-        st.event("console", f"re-run of {n} pipeline job(s) asked by {who}", study_uid)
-        # the scheduler thread is the one that publishes (two publishers could send a job twice): ask it
-        # to do its periodic pass, which publishes pending jobs, at its next tick
+        try:
+            created = rerun_study(st, self.listener.jobs, study_uid, publish=False)
+        except StudyPurged as exc:
+            raise ActionError(str(exc)) from None
+        except RerunRefused as exc:
+            raise ActionError(str(exc)) from None
+        st.event("console", f"re-run of {len(created)} pipeline job(s) asked by {who}", study_uid)
+        # the scheduler thread is the one that publishes: ask it to do its periodic pass at its next tick
         self.listener._last_housekeeping = 0.0
         self.listener._wake.set()
-        return f"{n} job(s) queued again"
+        return f"{len(created)} job(s) queued again"
 
     def resend(self, job_id: str, destination: str, who: str) -> str:
         st = self.listener.state
