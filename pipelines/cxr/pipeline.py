@@ -174,7 +174,7 @@ class CXRPipeline(Pipeline):
         languages = tuple(self._opt(study, "languages", None) or ("en", "zh"))
         narrative, report_details = self._report(study, calls, images, languages, result)
         self._consistency(calls, narrative, result)
-        _image_cautions(images, narrative, result)
+        _image_cautions(images, refused, narrative, result)
         if not runner.manifest.verified:
             for lang, n in narrative.items():
                 tpl.mark_unverified(n, lang)
@@ -240,17 +240,23 @@ class CXRPipeline(Pipeline):
                 "；".join(i.observation for i in issues) + "），签发前请复核。"
 
 
-def _image_cautions(images: list[PreparedImage], narrative: dict[str, Narrative], result: PipelineResult) -> None:
-    """An unusual but probable chest is read, and says so where the radiologist reads (the report SR) and in status."""
+def _image_cautions(images: list[PreparedImage], refused: list[str], narrative: dict[str, Narrative],
+                    result: PipelineResult) -> None:
+    """What the reader must know about the images: unusual ones read anyway, and ones not read, and why.
+
+    Said in the report SR (where the radiologist reads) as well as in the warnings (status)."""
+    lines_en, lines_zh = [], []
     for n, im in enumerate(images, 1):
         if not im.prepared.cautions:
             continue
         text = "; ".join(im.prepared.cautions)
         which = f"image {n}" if len(images) > 1 else "the image"
         result.warnings.append(f"{which} read with caution: {text}")
-        en = narrative.get("en")
-        if en is not None:
-            en.findings += f" Image check ({which}): {text}."
-        zh = narrative.get("zh")
-        if zh is not None:
-            zh.findings += f"图像核查（第{n}幅，非典型胸片，仍按胸片读取）：{text}。"
+        lines_en.append(f"Image check ({which}): {text}.")
+        lines_zh.append(f"图像核查（第{n}幅，非典型胸片，仍按胸片读取）：{text}。")
+    if refused:
+        lines_en.append("Not analysed: " + "; ".join(refused) + ".")
+        lines_zh.append("未分析的图像：" + "；".join(refused) + "。")
+    for lang, lines in (("en", lines_en), ("zh", lines_zh)):
+        if lines and lang in narrative:
+            narrative[lang].findings += " " + " ".join(lines)
