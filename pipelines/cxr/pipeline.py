@@ -151,7 +151,7 @@ class CXRPipeline(Pipeline):
             if concept is None:
                 concept = Concept(label, Code(f"CXR-{label.upper().replace(' ', '_')}", PRIVATE_SCHEME, label),
                                   "other", label.lower().replace("_", " "), label, label)
-            call = tpl.LabelCall(label, concept, p, b, critical)
+            call = tpl.LabelCall(label, concept, p, b, critical, threshold=m.threshold(label).present)
             calls.append(call)
             regions: list[Region] = []
             if b != "absent" and cams is not None:
