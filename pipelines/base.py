@@ -92,6 +92,9 @@ class Finding:
     #: The finding's name per report language (``{"zh": "胸腔积液"}``), so a Chinese SC panel does not
     #: show English names; ``label`` serves every language not listed.
     names: dict[str, str] = field(default_factory=dict)
+    #: The operating threshold at or above which ``probability`` counts as present, when the pipeline has
+    #: one; shown next to the probability ("0.62, threshold 0.51") so a reader knows what the number means.
+    threshold: float | None = None
 
     def name(self, language: str = "en") -> str:
         return self.names.get(language) or self.label or self.code.meaning

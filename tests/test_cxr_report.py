@@ -105,3 +105,17 @@ def test_template_text_is_consistent_with_its_own_calls(probs):
     en = template_report(cs, ("en",))["en"]
     issues = check_consistency([(c.concept.observation, c.band) for c in cs], en.findings + "\n" + en.impression)
     assert issues == []
+
+
+def test_threshold_stated_next_to_the_probability():
+    """The number is the raw sigmoid; the operating threshold it was compared with stands beside it."""
+    cs = calls({"Effusion": 0.62, "Pneumothorax": 0.05}, present=0.5)
+    for c in cs:
+        c.threshold = {"Effusion": 0.51, "Pneumothorax": 0.0098}.get(c.label)
+    cs = [c if c.label != "Pneumothorax" else LabelCall(c.label, c.concept, c.probability, "present", True, 0.0098)
+          for c in cs]
+    n = template_report(cs, ("en", "zh"))
+    assert "(model probability 0.62, threshold 0.51)" in n["en"].findings
+    assert "(model probability 0.05, threshold 0.0098)" in n["en"].findings  # not "0.01": small thresholds keep digits
+    assert "模型概率0.62，阈值0.51" in n["zh"].findings
+    assert "threshold 0.0098" in n["en"].critical

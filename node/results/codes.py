@@ -48,6 +48,8 @@ PROCEDURE_GENERIC = CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
 # --- private
 CRITICAL_RESULT = CodedConcept("CRITICAL", PRIVATE_SCHEME, "Critical result")
 MODEL_STATUS = CodedConcept("MODELSTATUS", PRIVATE_SCHEME, "Model verification status")
+#: The operating threshold a finding's probability was compared with (no standard code for it).
+THRESHOLD = CodedConcept("THRESHOLD", PRIVATE_SCHEME, "Operating threshold for present")
 
 LANGUAGES = {
     "en": CodedConcept("en", "RFC5646", "English"),

@@ -18,7 +18,7 @@ from highdicom.sr.enum import RelationshipTypeValues as R
 from highdicom.sr.value_types import ContentSequence
 from pydicom.dataset import Dataset
 
-from pipelines.base import Narrative, PipelineResult
+from pipelines.base import Finding, Narrative, PipelineResult
 
 from . import codes as C
 from .common import (
@@ -42,6 +42,7 @@ WORDS = {
         "none": "No findings reported by the algorithm.",
         "more": "... and {n} more results in the structured report",
         "present": "present", "absent": "not detected", "possible": "possible", "probability": "probability",
+        "threshold": "threshold",
         "critical": "Critical finding",
         "algorithm": "Algorithm",
     },
@@ -50,7 +51,7 @@ WORDS = {
         "unverified": "未验证模型 — 不得用于临床 (" + UNVERIFIED_TEXT + ")",
         "none": "算法未报告任何发现。",
         "more": "……另有 {n} 项结果见结构化报告",
-        "present": "存在", "absent": "未检出", "possible": "可能存在", "probability": "概率",
+        "present": "存在", "absent": "未检出", "possible": "可能存在", "probability": "概率", "threshold": "阈值",
         "critical": "危急发现",
         "algorithm": "算法",
     },
@@ -65,6 +66,19 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+def fmt_probability(v: float) -> str:
+    """Two decimals, or two significant digits below 0.095 so that a threshold of 0.0022 does not read 0.00."""
+    return f"{v:.2f}" if v >= 0.095 else f"{v:.2g}"
+
+
+def probability_text(f: Finding, language: str = "en") -> str:
+    """'0.62' or '0.62, threshold 0.51': the raw probability and the operating threshold it was compared with."""
+    p = fmt_probability(float(f.probability or 0.0))
+    if f.threshold is None:
+        return p
+    return f"{p}, {words(language).get('threshold', 'threshold')} {fmt_probability(float(f.threshold))}"
+
+
 def finding_lines(result: PipelineResult, language: str) -> list[str]:
     """One line per finding / measurement / evaluation; also used for the SC panel."""
     w = words(language)
@@ -73,7 +87,7 @@ def finding_lines(result: PipelineResult, language: str) -> list[str]:
         state = w["present"] if f.present else w["absent"]
         if f.certainty == "possible":
             state = w["possible"]
-        p = f" ({w['probability']} {f.probability:.2f})" if f.probability is not None else ""
+        p = f" ({w['probability']} {probability_text(f, language)})" if f.probability is not None else ""
         crit = f" — {w['critical']}" if f.critical and f.present else ""
         note = f" — {f.note}" if f.note else ""
         lines.append(f"{f.name(language)}: {state}{p}{crit}{note}")

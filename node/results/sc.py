@@ -27,7 +27,7 @@ from .common import (
     new_uid,
     series_description,
 )
-from .narrative import finding_lines, words
+from .narrative import finding_lines, probability_text, words
 from .render import CYAN, ORANGE, RED, WHITE, YELLOW, DrawnRegion, Panel, caption_strip, compose, display_values
 from .sources import Source, find, with_pixels
 
@@ -67,7 +67,7 @@ def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
     for f in result.findings:
         if f.present:
             colour = RED if f.critical else YELLOW
-            p = f" ({f.probability:.2f})" if f.probability is not None else ""
+            p = f" ({probability_text(f, ctx.language)})" if f.probability is not None else ""
             state = w["possible"] if f.certainty == "possible" else w["present"]
             lines.append((f"{f.name(ctx.language)}: {state}{p}", colour))
     others = [ln for ln in finding_lines(result, ctx.language)

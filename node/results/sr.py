@@ -91,8 +91,11 @@ def _probability(f: Finding, result: PipelineResult, regions: list[Region] | Non
     """Probability NUM; in a TID 1501 group the regions hang off it as INFERRED FROM SCOORD (TID 300)."""
     if f.probability is None:
         return []
-    return [Measurement(C.PROBABILITY, float(f.probability), C.concept(UCUM_RATIO),
-                        referenced_coordinates=[_coords(r) for r in regions] if regions else None)]
+    out = [Measurement(C.PROBABILITY, float(f.probability), C.concept(UCUM_RATIO),
+                       referenced_coordinates=[_coords(r) for r in regions] if regions else None)]
+    if f.threshold is not None:  # what the probability was compared with, next to it
+        out.append(Measurement(C.THRESHOLD, float(f.threshold), C.concept(UCUM_RATIO)))
+    return out
 
 
 def _planar_regions(f: Finding) -> list[Region]:

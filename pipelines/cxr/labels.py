@@ -94,3 +94,14 @@ def concept_for(label: str) -> Concept | None:
         if re.sub(r"[^a-z]", "", c.key) == key:
             return c
     return None
+
+
+def op_norm(probability: float, threshold: float) -> float:
+    """torchxrayvision's ``op_norm``: a raw sigmoid probability rescaled so that ``threshold`` maps to 0.5.
+
+    Piecewise linear: ``p / (2 t)`` below the threshold, ``1 - (1 - p) / (2 (1 - t))`` at or above it.
+    ainode reports the raw probability with its threshold beside it ("0.62, threshold 0.51") rather
+    than this rescaled number; the function is here so that either can be derived from the other.
+    """
+    p, t = float(probability), float(threshold)
+    return p / (2 * t) if p < t else 1.0 - (1.0 - p) / (2 * (1.0 - t))

@@ -11,7 +11,7 @@ Options (``pipelines.cxr`` config merged with route options; also the constructo
 ``report_backend``         ``template`` (default) or ``openai``
 ``openai``                 mapping for the openai backend: base_url, model, api_key, timeout_s, retries, ...
 ``languages``              report languages (default ``[en, zh]``)
-``min_size`` / ``min_symmetry`` / ``min_lung_contrast``  input checks (see ``preprocess``)
+``min_size`` / ``min_layout`` / ``typical_layout``  input checks (see ``gating``)
 ``cam_level``              fraction of the CAM peak that bounds the region polygon (default 0.5)
 """
 
@@ -110,7 +110,7 @@ class CXRPipeline(Pipeline):
         self.check(study)
         ok: list[PreparedImage] = []
         refused: list[str] = []
-        kw = {k: float(self._opt(study, k)) for k in ("min_symmetry", "min_lung_contrast")
+        kw = {k: float(self._opt(study, k)) for k in ("min_layout", "typical_layout")
               if self._opt(study, k) is not None}
         if self._opt(study, "min_size") is not None:
             kw["min_size"] = int(self._opt(study, "min_size"))
@@ -176,7 +176,7 @@ class CXRPipeline(Pipeline):
             if concept is None:
                 concept = Concept(label, Code(f"CXR-{label.upper().replace(' ', '_')}", PRIVATE_SCHEME, label),
                                   "other", label.lower().replace("_", " "), label, label)
-            call = tpl.LabelCall(label, concept, p, b, critical)
+            call = tpl.LabelCall(label, concept, p, b, critical, threshold=m.threshold(label).present)
             calls.append(call)
             regions: list[Region] = []
             if b != "absent" and cams is not None:
@@ -191,7 +191,7 @@ class CXRPipeline(Pipeline):
                     caption=f"{tpl._cap(concept.en)}: model probability {p:.2f} ({b}); class activation map"))
             result.findings.append(Finding(
                 code=concept.code, label=tpl._cap(concept.en), names={"zh": concept.zh},
-                present=b == "present", probability=p, certainty=b,
+                present=b == "present", probability=p, certainty=b, threshold=m.threshold(label).present,
                 critical=critical, site=concept.site, regions=regions, key_images=[images[k].ref],
                 note=f"model label {label!r}; thresholds possible {policy.bands(label)[0]:g}, "
                      f"present {policy.bands(label)[1]:g}"))
@@ -199,6 +199,7 @@ class CXRPipeline(Pipeline):
         languages = tuple(self._opt(study, "languages", None) or ("en", "zh"))
         narrative, report_details = self._report(study, calls, images, languages, result)
         self._consistency(calls, narrative, result)
+        _image_cautions(images, refused, narrative, result)
         if not runner.manifest.verified:
             for lang, n in narrative.items():
                 tpl.mark_unverified(n, lang)
@@ -209,7 +210,7 @@ class CXRPipeline(Pipeline):
             "labels": per_label,
             "probabilities": {label: float(probs[:, j].max()) for j, label in enumerate(m.labels) if label},
             "images": [{"sop_instance_uid": im.ref.sop_instance_uid, "view": im.prepared.view,
-                        "preprocessing": im.prepared.notes} for im in images],
+                        "preprocessing": im.prepared.notes, "cautions": im.prepared.cautions} for im in images],
             "providers": runner.providers,
             "report": report_details,
             "timing_s": {"prepare": round(t_prep - t0, 3), "inference": round(t_inf - t_prep, 3),
@@ -263,3 +264,25 @@ class CXRPipeline(Pipeline):
         if zh is not None:
             zh.findings += f"自动一致性核查：报告文字与分类结果有{len(issues)}处不一致（" + \
                 "；".join(i.observation for i in issues) + "），签发前请复核。"
+
+
+def _image_cautions(images: list[PreparedImage], refused: list[str], narrative: dict[str, Narrative],
+                    result: PipelineResult) -> None:
+    """What the reader must know about the images: unusual ones read anyway, and ones not read, and why.
+
+    Said in the report SR (where the radiologist reads) as well as in the warnings (status)."""
+    lines_en, lines_zh = [], []
+    for n, im in enumerate(images, 1):
+        if not im.prepared.cautions:
+            continue
+        text = "; ".join(im.prepared.cautions)
+        which = f"image {n}" if len(images) > 1 else "the image"
+        result.warnings.append(f"{which} read with caution: {text}")
+        lines_en.append(f"Image check ({which}): {text}.")
+        lines_zh.append(f"图像核查（第{n}幅，非典型胸片，仍按胸片读取）：{text}。")
+    if refused:
+        lines_en.append("Not analysed: " + "; ".join(refused) + ".")
+        lines_zh.append("未分析的图像：" + "；".join(refused) + "。")
+    for lang, lines in (("en", lines_en), ("zh", lines_zh)):
+        if lines and lang in narrative:
+            narrative[lang].findings += " " + " ".join(lines)

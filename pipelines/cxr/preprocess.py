@@ -4,41 +4,28 @@ Real deployments receive laterals, hands, phantoms, thumbnails and inverted (MON
 A classifier fed any of these still returns confident numbers, so every check here happens before
 the model and ends in a reason a technologist can act on.
 
-View detection without a ViewPosition tag (documented heuristic): a frontal chest radiograph is
-roughly mirror-symmetric about the spine, a lateral is not. We correlate the windowed, downsampled
-image with its left-right mirror (after centring on the column of greatest symmetry within the
-central third); below ``min_symmetry`` (default 0.70; the RG1 PA plate scores 0.86) the view is
-treated as lateral. Portrait or near-square aspect ratios (0.6-1.7) are required of frontal views
-too. This misjudges severely rotated or scoliotic frontals; the tag, when present, always wins.
-
-Chest check without a chest BodyPartExamined (documented heuristic, on the image at MONOCHROME2
-polarity): on a frontal chest (1) the two lung fields (left and right of centre, upper-middle height)
-are darker than the mediastinum/spine column between them by ``min_lung_contrast``, (2) each lung
-field lies in the darker half of the image (mean percentile rank <= 0.45), and (3) the
-subdiaphragmatic band at the bottom is brighter than the lungs. The RG1 PA plate scores contrast
-0.24, ranks 0.26/0.22, band +0.25; a head CT slice relabelled DX scores 0.09, 0.64/0.73, 0.00 and is
-refused; so is the same chest with its polarity wrong.
+Whether an image is a frontal chest at all is decided in ``gating`` (tags first, then measured
+image rules). Windowing and resizing follow the reference implementations exactly, so that the
+same weights give the same probabilities as torchxrayvision's DICOM path (``read_xray_dcm`` with
+``voi_lut=True``, ``XRayCenterCrop``, ``XRayResizer``) and as reproduce-chexnet's torchvision
+transforms (``Resize(224)``, ImageNet normalisation); ``tests/test_cxr_parity.py`` checks both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom.multival import MultiValue
+from scipy import ndimage, sparse
 
+from pipelines.cxr.gating import ImageRefused, check, lung_contrast, tag
 from pipelines.models import InputSpec
 
-CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO", "RIB", "PORT CHEST", "CHEST_LAT", "HEART")
-LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO")
-FRONTAL_VIEWS = ("PA", "AP")
-
-
-class ImageRefused(Exception):
-    """This image cannot go to the model; the message says why in words for the status page."""
-
+__all__ = ["Geometry", "ImageRefused", "Prepared", "lung_contrast", "prepare", "window"]
 
 @dataclass
 class Geometry:
@@ -66,11 +53,8 @@ class Prepared:
     view: str
     view_source: str
     notes: list[str] = field(default_factory=list)
-
-
-def _tag(header: Any, keyword: str) -> str:
-    v = header.get(keyword, "") if header is not None else ""
-    return str(v or "").strip().upper()
+    #: Why this image is unusual but was read anyway (goes to the SR and the warnings), empty when typical.
+    cautions: list[str] = field(default_factory=list)
 
 
 def header_window(header: Any) -> tuple[float, float] | None:
@@ -106,11 +90,45 @@ def voi_lut(arr: np.ndarray, item: Any) -> np.ndarray:
     return (lut[idx].astype(np.float32) / float(2 ** bits - 1)).clip(0.0, 1.0)
 
 
+def stored_range(header: Any) -> tuple[float, float] | None:
+    """The value range the stored bits can hold, after the Modality LUT (rescale), or None without BitsStored."""
+    if header is None or header.get("BitsStored") is None:
+        return None
+    try:
+        bits = int(header.BitsStored)
+        if int(header.get("PixelRepresentation", 0) or 0):
+            lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+        else:
+            lo, hi = 0.0, 2.0 ** bits - 1
+        slope = float(header.get("RescaleSlope", 1) or 1)
+        inter = float(header.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    a, b = lo * slope + inter, hi * slope + inter
+    return (min(a, b), max(a, b)) if b != a else None
+
+
+def linear_window(arr: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """PS3.3 C.11.2.1.2 windowing to [0, 1]: LINEAR (the default), LINEAR_EXACT or SIGMOID.
+
+    The LINEAR form (centre - 0.5, width - 1) is the one pydicom, and so torchxrayvision's DICOM
+    reader, applies; using it too keeps ainode's model input equal to the reference's.
+    """
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (arr - centre) / width))).astype(np.float32)
+    if function != "LINEAR_EXACT":
+        centre, width = centre - 0.5, width - 1.0
+    return np.clip((arr - centre) / width + 0.5, 0.0, 1.0).astype(np.float32)
+
+
 def window(pixels: np.ndarray, header: Any, fallback: tuple[float, float] | None) -> tuple[np.ndarray, str]:
-    """Apply the VOI LUT or window the image says it wants, else a robust percentile window; returns [0, 1].
+    """Apply the VOI LUT or window the image says it wants, else its full stored range; returns [0, 1].
 
     The instance's own window wins over ``fallback`` (the series' first instance), since a series
-    of radiographs may carry a different window per image.
+    of radiographs may carry a different window per image. Without any window the full range of
+    BitsStored is used, as torchxrayvision's reader does and as the 8-bit images both public models
+    were trained on were read; only when the data fills less than half of that range (a 12-bit
+    image in 16 stored bits, say) is a robust 0.5-99.5 percentile window used instead.
     """
     arr = pixels.astype(np.float32)
     fallback = header_window(header) or fallback
@@ -127,108 +145,74 @@ def window(pixels: np.ndarray, header: Any, fallback: tuple[float, float] | None
         # A window that covers (nearly) nothing of the actual data is a bad header value, not a choice.
         inside = float(np.mean((arr >= lo) & (arr <= hi)))
         if inside > 0.5:
-            return np.clip((arr - lo) / (hi - lo), 0.0, 1.0), f"window C{c:g}/W{w:g}"
+            function = tag(header, "VOILUTFunction") or "LINEAR"
+            return linear_window(arr, c, w, function), f"window C{c:g}/W{w:g}"
     lo, hi = np.percentile(arr, [0.5, 99.5])
     if hi <= lo:
         raise ImageRefused("image has no contrast (all pixels about the same value)")
+    full = stored_range(header)
+    if full is not None and (hi - lo) >= 0.5 * (full[1] - full[0]) and lo >= full[0] and hi <= full[1]:
+        a, b = full
+        return np.clip((arr - a) / (b - a), 0.0, 1.0), f"full stored range {a:g}-{b:g} (no window in the header)"
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0), "percentile window 0.5-99.5%"
 
 
-def _small(img: np.ndarray, n: int = 128) -> np.ndarray:
-    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((n, n), Image.BILINEAR))
+@lru_cache(maxsize=32)
+def _skimage_axis_matrix(n_in: int, size: int) -> sparse.csr_matrix:
+    """(size, n_in) matrix = bilinear grid sampling (scipy ``zoom``, ``grid_mode``, zero outside) after the
+    Gaussian anti-aliasing filter (scipy ``gaussian_filter1d``, truncate 4, zero padding) along one axis."""
+    f = n_in / size
+    if f > 1:
+        sigma = (f - 1) / 2
+        taps = np.arange(-int(4.0 * sigma + 0.5), int(4.0 * sigma + 0.5) + 1)
+        k = np.exp(-0.5 * (taps / sigma) ** 2)
+        k /= k.sum()
+    else:
+        taps, k = np.zeros(1, int), np.ones(1)
+    coords = (np.arange(size) + 0.5) * f - 0.5
+    i0 = np.floor(coords).astype(int)
+    w1 = coords - i0
+    rows, cols, vals = [], [], []
+    for j, w in ((i0, 1.0 - w1), (i0 + 1, w1)):  # the two bilinear neighbours, zero outside the image
+        for t, kt in zip(taps, k):  # each neighbour's filtered value: Gaussian taps, zero outside the image
+            ok = (j >= 0) & (j < n_in) & (j + t >= 0) & (j + t < n_in)
+            rows.append(np.nonzero(ok)[0])
+            cols.append(j[ok] + t)
+            vals.append(w[ok] * kt)
+    m = sparse.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(size, n_in))
+    return m.tocsr().astype(np.float32)  # duplicates summed; ~4 sigma + 2 taps per output row
 
 
-def symmetry(display: np.ndarray) -> float:
-    """Best left-right mirror correlation over axis shifts in the central third (1 = mirror-symmetric)."""
-    s = _small(display)
-    n = s.shape[1]
-    best = -1.0
-    for shift in range(-n // 6, n // 6 + 1, 2):
-        a = np.roll(s, -shift, axis=1)[:, n // 8: n - n // 8]
-        b = a[:, ::-1]
-        a0, b0 = a - a.mean(), b - b.mean()
-        den = float(np.sqrt((a0 * a0).sum() * (b0 * b0).sum()))
-        if den > 0:
-            best = max(best, float((a0 * b0).sum() / den))
-    return best
+def resize_like_skimage(x: np.ndarray, size: int) -> np.ndarray:
+    """``skimage.transform.resize(x, (size, size), mode="constant", preserve_range=True)``, as torchxrayvision's
+    ``XRayResizer`` calls it: Gaussian anti-aliasing (sigma = (factor - 1) / 2, zero padding in model
+    units), bilinear sampling on the pixel grid, clipping to the input range.
+
+    Both steps are linear and separable, so they are done as two sparse matrix products (rows, then
+    columns): SciPy's numbers for a fraction of the work of filtering every source pixel. A box
+    reduction first (what this module used to do) left a last box one pixel wide on sizes like 1841
+    and moved probabilities by up to 0.03 against the reference.
+    """
+    x = np.asarray(x, np.float32)
+    rows, cols = x.shape
+    if rows <= size and cols <= size:  # skimage filters only when it shrinks
+        out = ndimage.zoom(x, (size / rows, size / cols), order=1, mode="grid-constant", cval=0.0, grid_mode=True)
+    else:
+        out = np.asarray((_skimage_axis_matrix(cols, size) @ (_skimage_axis_matrix(rows, size) @ x).T).T)
+    return np.clip(out, min(float(x.min()), 0.0), max(float(x.max()), 0.0)).astype(np.float32)
 
 
-def lung_contrast(display: np.ndarray) -> float:
-    """Mediastinum-column mean minus lung-field mean on a frontal layout (positive on a chest radiograph)."""
-    s = _small(display)
-    n = s.shape[0]
-    rows = slice(int(0.25 * n), int(0.65 * n))
-    left = s[rows, int(0.15 * n): int(0.38 * n)]
-    right = s[rows, int(0.62 * n): int(0.85 * n)]
-    mid = s[rows, int(0.44 * n): int(0.56 * n)]
-    return float(mid.mean() - 0.5 * (left.mean() + right.mean()))
-
-
-def classify_view(header: Any, display: np.ndarray, min_symmetry: float) -> tuple[str, str]:
-    """('PA'|'AP'|'FRONTAL'|'LATERAL', how we know)."""
-    vp = _tag(header, "ViewPosition")
-    if vp in FRONTAL_VIEWS:
-        return vp, "ViewPosition"
-    if vp in LATERAL_VIEWS:
-        return "LATERAL", "ViewPosition"
-    if header is not None and "ViewCodeSequence" in header and len(header.ViewCodeSequence):
-        meaning = str(header.ViewCodeSequence[0].get("CodeMeaning", "")).lower()
-        if "lateral" in meaning:
-            return "LATERAL", "ViewCodeSequence"
-        if "postero-anterior" in meaning or "antero-posterior" in meaning or "frontal" in meaning:
-            return ("AP" if "antero-posterior" in meaning else "PA"), "ViewCodeSequence"
-    keys = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription")
-    text = " ".join(_tag(header, k) for k in keys)
-    words = set(text.replace("/", " ").replace("_", " ").split())
-    if words & {"LAT", "LATERAL", "LL", "RL"}:
-        return "LATERAL", "series description"
-    rows, cols = display.shape
-    aspect = rows / cols
-    if not 0.6 <= aspect <= 1.7:
-        return "LATERAL", f"image heuristic (aspect {aspect:.2f})"
-    sym = symmetry(display)
-    if sym < min_symmetry:
-        return "LATERAL", f"image heuristic (left-right symmetry {sym:.2f} < {min_symmetry})"
-    return "FRONTAL", f"image heuristic (left-right symmetry {sym:.2f})"
-
-
-def chest_likeness(display: np.ndarray) -> dict[str, float]:
-    """The three numbers the chest heuristic uses (see the module docstring)."""
-    s = _small(display)
-    n = s.shape[0]
-    rows = slice(int(0.25 * n), int(0.65 * n))
-    left = s[rows, int(0.15 * n): int(0.38 * n)]
-    right = s[rows, int(0.62 * n): int(0.85 * n)]
-    flat = np.sort(s.ravel())
-
-    def rank(a: np.ndarray) -> float:
-        return float(np.searchsorted(flat, a.ravel()).mean() / flat.size)
-
-    band = s[int(0.8 * n): int(0.95 * n), int(0.3 * n): int(0.7 * n)]
-    return {"contrast": lung_contrast(display), "rank_left": rank(left), "rank_right": rank(right),
-            "below_diaphragm": float(band.mean() - 0.5 * (left.mean() + right.mean()))}
-
-
-def check_body_part(header: Any, display: np.ndarray, min_lung_contrast: float) -> str:
-    bp = _tag(header, "BodyPartExamined")
-    if bp:
-        if any(k in bp for k in CHEST_BODY_PARTS):
-            return f"BodyPartExamined {bp}"
-        raise ImageRefused(f"BodyPartExamined is {bp!r}, not chest; this pipeline reads chest radiographs only")
-    f = chest_likeness(display)
-    desc = (f"lung/mediastinum contrast {f['contrast']:.2f}, lung ranks {f['rank_left']:.2f}/{f['rank_right']:.2f}, "
-            f"below-diaphragm {f['below_diaphragm']:+.2f}")
-    if f["contrast"] < min_lung_contrast or max(f["rank_left"], f["rank_right"]) > 0.45 \
-            or f["below_diaphragm"] < min_lung_contrast:
-        raise ImageRefused(f"no BodyPartExamined and the image does not look like a frontal chest radiograph ({desc})")
-    return f"image heuristic ({desc})"
+def resize_like_pil(img: np.ndarray, size: int) -> np.ndarray:
+    """PIL's antialiased bilinear resize, which torchvision's ``Resize`` applies to the PIL images CheXNet reads."""
+    im = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.float32).clip(0, 1)
 
 
 def to_model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np.ndarray, Geometry]:
     rows, cols = display.shape
     if spec.crop == "center_square":
         side = min(rows, cols)
-        y0, x0 = (rows - side) // 2, (cols - side) // 2
+        y0, x0 = rows // 2 - side // 2, cols // 2 - side // 2  # torchxrayvision XRayCenterCrop
         crop = display[y0: y0 + side, x0: x0 + side]
     else:
         side, y0, x0, crop = max(rows, cols), 0, 0, display
@@ -236,45 +220,42 @@ def to_model_input(display: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np
             sq = np.zeros((side, side), np.float32)
             sq[:rows, :cols] = display
             crop = sq
-    img = Image.fromarray(np.ascontiguousarray(crop, dtype=np.float32), mode="F")
-    # Reduce in two steps: a box filter avoids aliasing when a 2000-pixel plate becomes 224.
-    if side > 2 * spec.size:
-        img = img.reduce(max(1, side // (2 * spec.size)))
-    unit = np.asarray(img.resize((spec.size, spec.size), Image.BILINEAR), dtype=np.float32).clip(0, 1)
     n = spec.normalisation
     if n.kind == "xrv":
         lo, hi = n.range or (-1024.0, 1024.0)
-        x = unit * (hi - lo) + lo
+        x = resize_like_skimage(np.asarray(crop, np.float32) * (hi - lo) + lo, spec.size)
+        unit = ((x - lo) / (hi - lo)).astype(np.float32)
         chans = np.repeat(x[None], spec.channels, axis=0)
-    elif n.kind == "imagenet":
-        mean = np.asarray(n.mean or [0.485, 0.456, 0.406], np.float32)[: spec.channels]
-        std = np.asarray(n.std or [0.229, 0.224, 0.225], np.float32)[: spec.channels]
-        chans = (np.repeat(unit[None], spec.channels, axis=0) - mean[:, None, None]) / std[:, None, None]
     else:
-        chans = np.repeat(unit[None], spec.channels, axis=0)
+        unit = resize_like_pil(crop, spec.size)
+        if n.kind == "imagenet":
+            mean = np.asarray(n.mean or [0.485, 0.456, 0.406], np.float32)[: spec.channels]
+            std = np.asarray(n.std or [0.229, 0.224, 0.225], np.float32)[: spec.channels]
+            chans = (np.repeat(unit[None], spec.channels, axis=0) - mean[:, None, None]) / std[:, None, None]
+        else:
+            chans = np.repeat(unit[None], spec.channels, axis=0)
     return chans.astype(np.float32), unit, Geometry(rows, cols, x0, y0, side, spec.size)
 
 
 def prepare(pixels: np.ndarray, header: Any, photometric: str, window_hint: tuple[float, float] | None,
-            spec: InputSpec, *, min_size: int = 256, min_symmetry: float = 0.70,
-            min_lung_contrast: float = 0.05) -> Prepared:
+            spec: InputSpec, *, min_size: int = 256, min_layout: float | None = None,
+            typical_layout: float | None = None) -> Prepared:
     """One 2D image -> model tensor, or ImageRefused with the reason."""
     if pixels.ndim != 2:
         raise ImageRefused(f"expected one greyscale frame; got array of shape {pixels.shape}")
     rows, cols = pixels.shape
     if min(rows, cols) < min_size:
         raise ImageRefused(f"image is {cols}x{rows} pixels; at least {min_size} on the short side is needed")
+    if photometric.upper() not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageRefused(f"photometric interpretation {photometric} is not greyscale")
     unit01, how = window(pixels, header, window_hint)
     notes = [how]
     if photometric.upper() == "MONOCHROME1":
         unit01 = 1.0 - unit01  # MONOCHROME1 shows low values white; the model expects air dark
         notes.append("MONOCHROME1 inverted")
-    elif photometric.upper() != "MONOCHROME2":
-        raise ImageRefused(f"photometric interpretation {photometric} is not greyscale")
-    view, view_source = classify_view(header, unit01, min_symmetry)
-    if view == "LATERAL":
-        raise ImageRefused(f"lateral view ({view_source}); the model reads frontal (PA/AP) views only")
-    notes.append(f"view {view} from {view_source}")
-    notes.append("chest from " + check_body_part(header, unit01, min_lung_contrast))
+    kw = {k: v for k, v in (("min_layout", min_layout), ("typical_layout", typical_layout)) if v is not None}
+    gate = check(header, unit01, **kw)
+    notes.append(f"view {gate.view} from {gate.view_source}")
+    notes.append("chest from " + gate.chest_source)
     tensor, unit, geom = to_model_input(unit01, spec)
-    return Prepared(tensor, unit01, unit, geom, view, view_source, notes)
+    return Prepared(tensor, unit01, unit, geom, gate.view, gate.view_source, notes, gate.notes)

@@ -27,6 +27,8 @@ class LabelCall:
     probability: float
     band: Band
     critical: bool = False
+    #: the operating threshold ``probability`` was compared with; the text states it beside the number
+    threshold: float | None = None
 
 
 # English negatives listed for the lungs when they were evaluated and are absent, in dictation order.
@@ -78,8 +80,16 @@ def _join_zh(items: list[str], conj: str = "及") -> str:
     return "、".join(items[:-1]) + conj + items[-1]
 
 
-def _p(call: LabelCall) -> str:
-    return f"{call.probability:.2f}"
+def _num(v: float) -> str:
+    return f"{v:.2f}" if v >= 0.095 else f"{v:.2g}"
+
+
+def _p(call: LabelCall, lang: str = "en") -> str:
+    """'0.81', or with the operating threshold '0.81, threshold 0.10' (zh: '0.81，阈值0.10')."""
+    if call.threshold is None:
+        return f"{call.probability:.2f}"
+    sep = "，阈值" if lang == "zh" else ", threshold "
+    return f"{_num(call.probability)}{sep}{_num(call.threshold)}"
 
 
 def _cap(s: str) -> str:
@@ -95,8 +105,8 @@ def _en_positive(c: LabelCall) -> str:
 
 def _zh_positive(c: LabelCall) -> str:
     if c.band == "possible":
-        return f"可疑{c.concept.zh}（模型概率{_p(c)}）。"
-    return f"{_ZH_PRESENT.get(c.concept.key, '可见' + c.concept.zh + '征象')}（模型概率{_p(c)}）。"
+        return f"可疑{c.concept.zh}（模型概率{_p(c, 'zh')}）。"
+    return f"{_ZH_PRESENT.get(c.concept.key, '可见' + c.concept.zh + '征象')}（模型概率{_p(c, 'zh')}）。"
 
 
 def _by_group(calls: list[LabelCall]) -> dict[str, tuple[list[LabelCall], set[str]]]:
@@ -238,7 +248,7 @@ def critical_text(calls: list[LabelCall], lang: str) -> str:
     if not crit:
         return ""
     if lang == "zh":
-        names = "、".join(f"{c.concept.zh}（模型概率{_p(c)}）" for c in crit)
+        names = "、".join(f"{c.concept.zh}（模型概率{_p(c, 'zh')}）" for c in crit)
         return f"AI提示危急征象：{names}。需放射科医师立即复核并通知临床。"
     names = ", ".join(f"{c.concept.en} (model probability {_p(c)})" for c in crit)
     return f"AI flagged a critical finding: {names}. Requires immediate radiologist review and communication."

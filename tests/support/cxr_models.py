@@ -18,13 +18,20 @@ import torch
 
 from pipelines.cxr import densenet as dn
 
+_SAVED: dict[str, types.ModuleType | None] = {}
+
 
 def _fake_modules(module_name: str) -> dict[type, type]:
-    """Subclasses of our layers that claim to live in ``module_name`` (for pickling only)."""
+    """Subclasses of our layers that claim to live in ``module_name`` (for pickling only).
+
+    Fresh stand-in modules replace any real ones (the parity tests import the real torchxrayvision
+    and torchvision) until ``_drop_modules`` puts the real ones back.
+    """
     parts = module_name.split(".")
     for i in range(1, len(parts) + 1):
         name = ".".join(parts[:i])
-        sys.modules.setdefault(name, types.ModuleType(name))
+        _SAVED.setdefault(name, sys.modules.get(name))
+        sys.modules[name] = types.ModuleType(name)
     mod = sys.modules[module_name]
     mapping: dict[type, type] = {}
     for base, cls_name in ((dn.DenseNet121, "DenseNet"), (dn._DenseLayer, "_DenseLayer"),
@@ -37,7 +44,12 @@ def _fake_modules(module_name: str) -> dict[type, type]:
 
 def _drop_modules(root: str) -> None:
     for name in [n for n in sys.modules if n == root or n.startswith(root + ".")]:
-        del sys.modules[name]
+        if name in _SAVED:
+            original = _SAVED.pop(name)
+            if original is not None:
+                sys.modules[name] = original
+                continue
+            del sys.modules[name]
 
 
 def random_densenet(num_classes: int, in_channels: int, sigmoid_head: bool, value_range: tuple[float, float],
@@ -101,6 +113,12 @@ def imported_model(fmt: str) -> Path:
     import_checkpoint(fmt, ckpt, out)
     _CACHE[fmt] = out
     return out
+
+
+def checkpoint_of(fmt: str) -> Path:
+    """The project-format checkpoint file ``imported_model(fmt)`` was imported from (same weights)."""
+    root = imported_model(fmt).parent
+    return root / ("xrv.pt" if fmt == "torchxrayvision" else "checkpoint")
 
 
 def save_xrv_checkpoint(net: dn.DenseNet121, path: Path) -> Path:
