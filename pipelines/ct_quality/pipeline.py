@@ -502,9 +502,9 @@ class CTQualityPipeline(Pipeline):
         if totals:
             en_imp += f" Total DLP {totals[0]:.0f} mGy·cm (dose report)."
             zh_imp += f" 总 DLP {totals[0]:.0f} mGy·cm（剂量报告）。"
-        if bmi is not None:
-            en_imp += f" BMI {bmi:.1f} kg/m²."
-            zh_imp += f" BMI {bmi:.1f} kg/m²。"
+        if bmi is not None:  # a patient fact for the findings, not an impression about image quality
+            en_lines.append(f"Patient: BMI {bmi:.1f} kg/m² (from PatientWeight / PatientSize).")
+            zh_lines.append(f"患者：BMI {bmi:.1f} kg/m²（由体重 / 身高计算）。")
         if skipped:
             names = {u: _series_label(study, u) for u in skipped}
             en_lines.append("Not measured: " + "; ".join(f"{names[u]} ({why})" for u, why in skipped.items()))
