@@ -572,7 +572,30 @@ def _expected_display(cr: Dataset) -> np.ndarray:
     return 255.0 - np.round(y * 255.0)
 
 
+def _windowed(cr: Dataset) -> Dataset:
+    """RG1 with a real display window (its own W30000/L15000 spans the whole 15-bit range)."""
+    ds = copy.deepcopy(cr)
+    ds.WindowCenter, ds.WindowWidth = 12000, 16000
+    return ds
+
+
+def test_full_range_window_is_replaced_by_a_body_percentile_window(cr: Dataset) -> None:
+    """Issue 13: RG1's header window burned in left the lungs mid-grey; now lungs are dark, full contrast."""
+    img = display_values(cr).astype(float)
+    h, w = img.shape
+    centre = img[h // 10: h - h // 10, w // 10: w - w // 10]
+    lo, hi = np.percentile(centre, [1, 99])
+    assert hi - lo >= 200
+    rows = slice(h // 3, h // 2)
+    lungs = np.concatenate([img[rows, w // 5: w // 3], img[rows, 2 * w // 3: 4 * w // 5]], axis=1)
+    assert lungs.mean() < 110 and lungs.mean() + 60 < img[rows, 9 * w // 20: 11 * w // 20].mean()
+    old = 255.0 - np.round(np.clip((cr.pixel_array - 14999.5) / 29999 + 0.5, 0, 1) * 255.0)
+    assert np.percentile(old[h // 10: h - h // 10, w // 10: w - w // 10], 99) - np.percentile(
+        old[h // 10: h - h // 10, w // 10: w - w // 10], 1) < 200  # what the header window gave
+
+
 def test_sc_polarity_monochrome1(cr: Dataset) -> None:
+    cr = _windowed(cr)
     objs = encode(empty_result(), [cr], EncodeOptions())
     sc = next(o for o in objs if o.SOPClassUID == SC_CLASS)
     img = sc.pixel_array[: cr.Rows, : cr.Columns, 0].astype(float)
@@ -834,10 +857,10 @@ def test_display_table_equals_per_pixel_windowing(cr: Dataset, rescale: tuple[fl
 
     from node.results.render import _grey_levels
 
-    ds = copy.deepcopy(cr)
+    ds = _windowed(cr)
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
-        ds.WindowCenter, ds.WindowWidth = 2 * 15000 - 1024, 60000
+        ds.WindowCenter, ds.WindowWidth = 2 * 12000 - 1024, 32000
     per_pixel = _grey_levels(np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64), ds)
     assert np.array_equal(display_values(ds), per_pixel)
 

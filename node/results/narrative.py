@@ -82,8 +82,10 @@ def finding_lines(result: PipelineResult, language: str) -> list[str]:
         lines.append(f"{f.name(language)}: {state}{p}{crit}{note}")
     for m in result.measurements:
         unit = m.unit.value if m.unit.value not in ("1", "[hnsf'U]") else ("HU" if m.unit.value == "[hnsf'U]" else "")
-        where = f" [{m.group}]" if m.group else ""
-        lines.append(f"{m.label or m.code.meaning}{where}: {_fmt(m.value)} {unit}".rstrip())
+        # the quantity's name first: mean, SD and SNR of one ROI share a label and must not look alike
+        detail = ", ".join(x for x in (m.group, m.label) if x and x != m.code.meaning)
+        where = f" ({detail})" if detail else ""
+        lines.append(f"{m.code.meaning}{where}: {_fmt(m.value)} {unit}".rstrip())
     for e in result.evaluations:
         lines.append(f"{e.name.meaning}: {e.value.meaning}" + (f" — {e.note}" if e.note else ""))
     return lines

@@ -143,6 +143,8 @@ def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
         arr = arr[(frame or 1) - 1]
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax(arr)
+    if _has_voi(ds) and _window_spans_everything(ds, arr):
+        return _percentile_grey(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), ds)
     if arr.dtype.kind in "iu" and arr.size and _has_voi(ds):  # (a robust range needs every pixel: no table)
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo <= MAX_LUT_ENTRIES:
@@ -150,6 +152,28 @@ def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
             lut = _grey_levels(np.asarray(apply_modality_lut(values, ds), dtype=np.float64), ds)
             return lut[np.subtract(arr, lo, dtype=np.int32 if arr.dtype.itemsize <= 2 else np.int64)]
     return _grey_levels(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), ds)
+
+
+def _window_spans_everything(ds: Dataset, arr: np.ndarray) -> bool:
+    """A "window" as wide as the whole stored range (W30000/L15000 on a 15-bit CR) is no display window:
+    burned in, it leaves the lungs mid-grey. A VOI LUT is always taken as meant."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) and "LUTData" in ds.VOILUTSequence[0]:
+        return False
+    if "WindowWidth" not in ds or not arr.size:
+        return False
+    lo, hi = (float(v) for v in apply_modality_lut(np.array([arr.min(), arr.max()]), ds))
+    return _first(ds.WindowWidth) >= 0.9 * max(hi - lo, 1.0) or _first(ds.WindowWidth) > 4 * max(hi - lo, 1.0)
+
+
+def _percentile_grey(x: np.ndarray, ds: Dataset) -> np.ndarray:
+    """A window from the 1st-99th percentiles of the central region (the body, not collimation or labels)."""
+    h, w = x.shape[:2]
+    centre = x[h // 10: h - h // 10, w // 10: w - w // 10]
+    lo, hi = np.percentile(centre, [1.0, 99.0])
+    norm = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        norm = 1.0 - norm
+    return np.round(norm * 255.0).astype(np.uint8)
 
 
 #: Stored-value ranges up to this size are windowed through a table (16-bit images always are).

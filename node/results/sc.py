@@ -14,7 +14,7 @@ from highdicom.sc import SCImage
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 
-from pipelines.base import ImageRef, PipelineResult
+from pipelines.base import ImageRef, Overlay, PipelineResult
 
 from . import codes as C
 from .common import (
@@ -163,6 +163,15 @@ def _annotated_images(result: PipelineResult, key: ImageRef) -> list[ImageRef]:
     return out[:MAX_EXTRA_ANNOTATED]
 
 
+def _for_present_finding(ov: Overlay, result: PipelineResult) -> bool:
+    """A heat map captioned for a finding ("Effusion: model probability ...") is drawn only when that finding
+    is present: maps of absent or merely possible labels cover the chest and hide what matters."""
+    for f in result.findings:
+        if not f.present and ov.caption.lower().startswith(f"{f.label.lower()}:"):
+            return False
+    return True
+
+
 def _image_sc(result: PipelineResult, sources: list[Source], ref: ImageRef, ctx: Context, series_uid: str,
               number: int, is_key: bool) -> Dataset | None:
     src = find(sources, ref.sop_instance_uid)
@@ -170,7 +179,7 @@ def _image_sc(result: PipelineResult, sources: list[Source], ref: ImageRef, ctx:
     if src is None or full is None:
         return None
     grey = display_values(full, ref.frame)
-    overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask")
+    overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask") and _for_present_finding(o, result)
                 and ((o.source is None and is_key) or (o.source is not None and _same_image(o.source, ref)))]
     pixels = compose(grey, _regions_on(result, ref, ctx.language), overlays, _panel(result, ctx))
     sc = _base_sc(pixels, src.header, result, ctx, series_uid, number)

@@ -696,6 +696,8 @@ def _measurements(res: PipelineResult, a: SeriesAnalysis, study: StudyInput) -> 
         g = f"{grp} {ts.label}"
         add(Measurement(C_MEAN, round(ts.mean, 2), UCUM_HU, group=g, label=lbl, region=reg, series_uid=uid))
         add(Measurement(C_SD, round(ts.sd, 2), UCUM_HU, group=g, label=lbl, region=reg, series_uid=uid))
+        if t == "air":  # SNR and CNR of air outside the body mean nothing to a reader (issue 13)
+            continue
         add(Measurement(C_SNR, round(ts.snr, 3), UCUM_RATIO, group=g, label=lbl, region=reg, series_uid=uid))
         if ts.cnr is not None:
             add(Measurement(C_CNR, round(ts.cnr, 3), UCUM_RATIO, group=g, label=f"{lbl} vs subcutaneous fat",
@@ -734,6 +736,10 @@ def _narrative_lines(a: SeriesAnalysis) -> tuple[str, str]:
     for t in ("muscle", "soft_tissue", "fat", "air"):
         ts = a.tissues.get(t)
         if ts is None:
+            continue
+        if t == "air":
+            en.append(f"{ts.label}: mean {ts.mean:.0f} HU, SD {ts.sd:.1f} HU.")
+            zh.append(f"体外空气：均值 {ts.mean:.0f} HU，标准差 {ts.sd:.1f} HU。")
             continue
         cnr = f", CNR {ts.cnr:.2f}" if ts.cnr is not None else ""
         en.append(f"{ts.label}: mean {ts.mean:.0f} HU, SD {ts.sd:.1f} HU, SNR {ts.snr:.2f}{cnr}.")
@@ -855,14 +861,15 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
         header = ["Series", "GNL"]
         tissues = [t for t in ("muscle", "soft_tissue", "fat", "air") if all(t in r["tissues"] for r in comp["rows"])]
         for t in tissues:
-            header += [f"{t} SD", f"{t} SNR"] + ([f"{t} CNR", f"{t} gain"] if t != "fat" else [])
+            header += [f"{t} SD"] + ([f"{t} SNR"] if t != "air" else []) + (
+                [f"{t} CNR", f"{t} gain"] if t not in ("fat", "air") else [])
         rows = []
         for r in comp["rows"]:
             cells = [r["name"], f"{r['gnl']:.1f}" if r["gnl"] is not None else "-"]
             for t in tissues:
                 ts = r["tissues"][t]
-                cells += [f"{ts['sd']:.1f}", f"{ts['snr']:.2f}"]
-                if t != "fat":
+                cells += [f"{ts['sd']:.1f}"] + ([f"{ts['snr']:.2f}"] if t != "air" else [])
+                if t not in ("fat", "air"):
                     g = r["cnr_gain"].get(t)
                     cells += [f"{ts['cnr']:.2f}", f"{100 * g:+.0f} %" if g is not None else "-"]
             rows.append(cells)

@@ -96,6 +96,9 @@ def cxr(tmp: Path, language: str = "en") -> Scenario:
     ds.StudyInstanceUID = pydicom.uid.generate_uid()  # a study of its own in the PACS
     ds.SeriesInstanceUID = pydicom.uid.generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    # RG1's PixelSpacing is 0\\0, which no viewer can map to millimetres (OHIF draws NaN outlines); a
+    # radiograph from a real detector states its spacing (0.171 mm is a common CR plate pitch)
+    ds.PixelSpacing = [0.171, 0.171]
     (tmp / "cr").mkdir(parents=True, exist_ok=True)
     path = tmp / "cr" / "rg1.dcm"
     ds.save_as(path)
