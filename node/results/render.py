@@ -32,6 +32,7 @@ CYAN = (0, 220, 255)
 ORANGE = (255, 150, 0)
 WHITE = (255, 255, 255)
 GREY = (190, 190, 190)
+GREEN = (60, 220, 90)
 
 _HERE = Path(__file__).parent
 LATIN_FONTS = [
@@ -296,8 +297,10 @@ class DrawnRegion:
     label: str = ""
 
 
-def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, language: str) -> None:
+def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, language: str) -> list[Box]:
+    """Outlines, then each label in free room inside the image (returns the label boxes, for tests)."""
     d = ImageDraw.Draw(img)
+    todo: list[tuple[tuple[float, float], Box, str, tuple[int, int, int]]] = []
     lw = max(2, round(max(img.size) / 600))
     f = font(max(14, round(max(img.size) / 70)))
 
@@ -329,9 +332,55 @@ def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, lan
             anchor = (max(p[0] for p in pts), min(p[1] for p in pts))
         text = dr.label or dr.region.label
         if text:
-            x, y = anchor
-            d.rectangle([x + lw, y, x + lw + f.length(d, text), y + round(f.size * 1.2)], fill=(0, 0, 0))
-            f.draw(d, (x + lw, y), text, dr.colour)
+            todo.append((anchor, outline_box(pts, gt), text, dr.colour))
+    obstacles = [o for _, o, _, _ in todo]  # a label covers no outline and no other label
+    labels: list[Box] = []
+    for anchor, outline, text, colour in todo:
+        box = place_label(anchor, (f.length(d, text) + 2 * lw, round(f.size * 1.25)), img.size,
+                          obstacles + labels, outline)
+        if box is None:
+            continue  # no free room inside the image: the panel's legend names it
+        labels.append(box)
+        d.rectangle(box, fill=(0, 0, 0))
+        f.draw(d, (box[0] + lw, box[1]), text, colour)
+    return labels
+
+
+Box = tuple[float, float, float, float]
+
+
+def outline_box(pts: list[tuple[float, float]], graphic_type: str) -> Box:
+    if graphic_type == "CIRCLE" and len(pts) >= 2:
+        (cx, cy), (ex, ey) = pts[0], pts[1]
+        r = math.hypot(ex - cx, ey - cy)
+        return (cx - r, cy - r, cx + r, cy + r)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_label(anchor: tuple[float, float], size: tuple[float, float], image: tuple[int, int],
+                placed: list[Box], outline: Box) -> Box | None:
+    """A box of ``size`` next to its outline, wholly inside the image and clear of every label placed so
+    far: right of the outline, left, above, below, then further out; None when nothing fits."""
+    w, h = size
+    iw, ih = image
+    x0, y0, x1, y1 = outline
+    cands = []
+    for step in (0.0, 1.0, 2.0, 3.0):
+        dy = step * h
+        cands += [(x1 + 2, anchor[1] + dy), (x0 - w - 2, anchor[1] + dy), (x1 + 2, anchor[1] - dy),
+                  (x0 - w - 2, anchor[1] - dy), ((x0 + x1 - w) / 2, y0 - h - 2 - dy), ((x0 + x1 - w) / 2, y1 + 2 + dy)]
+    for x, y in cands:
+        box = (x, y, x + w, y + h)
+        if box[0] < 0 or box[1] < 0 or box[2] > iw - 1 or box[3] > ih - 1:
+            continue
+        if not any(_overlap(box, p) for p in placed):
+            return box
+    return None
 
 
 # --------------------------------------------------------------------------- panel
@@ -343,6 +392,8 @@ class Panel:
     lines: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
     banner: str = ""
     language: str = "en"
+    #: header row then data rows, drawn as aligned columns under the lines (e.g. one row per reconstruction)
+    table: list[list[str]] = field(default_factory=list)
 
 
 def _wrap(text: str, f: TextFont, width: int, d: ImageDraw.ImageDraw) -> list[str]:
@@ -387,7 +438,9 @@ def render_panel(width: int, panel: Panel) -> np.ndarray:
             rows.append((ln, colour, f))
     line_h = round(size * 1.3)
     banner_h = round(size * 2.0) if panel.banner else 0
-    height = banner_h + 2 * margin + line_h * len(rows)
+    tf, widths = _table_layout(panel.table, width - 2 * margin, size, scratch)
+    table_h = round(tf.size * 1.35) * len(panel.table) + (margin if panel.table else 0)
+    height = banner_h + 2 * margin + line_h * len(rows) + table_h
     img = Image.new("RGB", (width, height), (0, 0, 0))
     d = ImageDraw.Draw(img)
     if panel.banner:
@@ -398,14 +451,35 @@ def render_panel(width: int, panel: Panel) -> np.ndarray:
     for text, colour, ff in rows:
         ff.draw(d, (margin, y), text, colour)
         y += line_h
+    if panel.table:
+        y += margin // 2
+        for i, row in enumerate(panel.table):
+            x = margin
+            for cell, cw in zip(row, widths):
+                tf.draw(d, (x, y), cell, CYAN if i == 0 else WHITE)
+                x += cw
+            y += round(tf.size * 1.35)
     return np.asarray(img)
+
+
+def _table_layout(table: list[list[str]], room: int, size: int, d: ImageDraw.ImageDraw) -> tuple[TextFont, list[int]]:
+    """Column widths for ``table``; the font shrinks (down to 12 px) until the widest row fits ``room``."""
+    while True:
+        f = font(size)
+        gap = size
+        widths = [max(int(f.length(d, r[c])) for r in table if c < len(r)) + gap
+                  for c in range(max((len(r) for r in table), default=0))]
+        if sum(widths) <= room or size <= 12:
+            return f, widths
+        size -= 1
 
 
 def upscale_factor(rows: int, cols: int) -> int:
     return max(1, math.ceil(MIN_LONG_SIDE / max(rows, cols)))
 
 
-def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[Overlay], panel: Panel) -> np.ndarray:
+def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[Overlay], panel: Panel,
+            label_boxes: list | None = None) -> np.ndarray:
     """Key image (upscaled if small) with heat maps, masks and outlines, then the panel underneath.
 
     Kept in PIL from the grey image to the last outline: every numpy round trip of a full-size RGB
@@ -425,7 +499,9 @@ def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[
         for m in masks:
             rgb = blend_mask(rgb, m)
         img = Image.fromarray(rgb)
-    draw_regions(img, regions, float(s), panel.language)
+    boxes = draw_regions(img, regions, float(s), panel.language)
+    if label_boxes is not None:
+        label_boxes.extend(boxes)
     bottom = render_panel(img.width, panel)
     out = np.empty((img.height + bottom.shape[0], img.width, 3), np.uint8)
     out[: img.height] = np.asarray(img)

@@ -526,6 +526,7 @@ class CTQualityPipeline(Pipeline):
             if a.gnl.correction_capped:
                 res.warnings.append(f"{a.name}: GNL texture correction capped at {a.gnl.correction:.2f}")
         res.details = {
+            "summary": render.summary(analyses, comparisons),
             "skipped": skipped,
             "series": [_details(a) for a in analyses],
             "comparisons": comparisons,
@@ -688,10 +689,10 @@ def _measurements(res: PipelineResult, a: SeriesAnalysis, study: StudyInput) -> 
     if a.gnl.value is not None:
         add(Measurement(C_GNL, round(a.gnl.value, 2), UCUM_HU, group=grp, label="Global noise level (soft tissue, "
             f"{a.gnl.kernel_px} px kernel, texture correction x{a.gnl.correction:.3f})", series_uid=uid))
-    key_stats = {st.roi.tissue: st for st in a.stats if st.frame == a.key_frame}
     for t, ts in a.tissues.items():
-        st = key_stats.get(t) or next(s for s in a.stats if s.roi.tissue == t)
-        reg = _region(st, a)
+        # pooled over every ROI of the tissue: no one region (the ROIs have their own groups below), so a
+        # viewer does not draw a second, overlapping label on one of them
+        reg = None
         lbl = f"{ts.label} ({ts.n_rois} ROIs pooled)"
         g = f"{grp} {ts.label}"
         add(Measurement(C_MEAN, round(ts.mean, 2), UCUM_HU, group=g, label=lbl, region=reg, series_uid=uid))
@@ -828,7 +829,7 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
         assert px is not None
         img = px[a.key_frame]
         ref = a.series.frames[a.key_frame]
-        circles = [(st.roi.tissue, f"{st.roi.tissue.replace('_', ' ')} {st.sd:.1f}", st.col, st.row,
+        circles = [(st.roi.tissue, f"{st.roi.tissue.replace('_', ' ')} SD {st.sd:.0f}", st.col, st.row,
                     st.roi.radius_mm / a.geom.col_spacing, st.roi.radius_mm / a.geom.row_spacing)
                    for st in a.stats if st.frame == a.key_frame]
         title = f"{a.name}  GNL {a.gnl.value:.1f} HU" if a.gnl.value is not None else a.name
