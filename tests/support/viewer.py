@@ -27,8 +27,8 @@ import websocket
 from .orthanc import free_port
 
 OHIF_VERSION = "3.13.2"
-OHIF_DIST = Path(os.environ.get("AINODE_OHIF_DIST") or
-                 Path.home() / ".cache" / "ainode" / f"ohif-{OHIF_VERSION}" / "package" / "dist")
+OHIF_DIST = Path(os.environ.get("AINODE_OHIF_DIST") or Path(os.environ.get("AINODE_CACHE") or
+                 Path.home() / ".cache" / "ainode") / f"ohif-{OHIF_VERSION}" / "package" / "dist")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 APP_CONFIG = """window.config = {
