@@ -510,6 +510,9 @@ def test_narrative_states_the_marking_once_per_section(cr: Dataset) -> None:
             assert texts(sections[2])[1:] == ["Clinical correlation.", "Follow-up radiograph."]
             assert texts(sections[0])[-1] == "Algorithm: densenet121-res224-all 2.1"
         assert not any("1.2.826" in x for x in texts(sr))  # no UID in the text a reader sees
+        # the device is named in the header, not as the report's first lines (OHIF showed its UID there)
+        assert not [i for i in sr.ContentSequence if i.RelationshipType == "HAS OBS CONTEXT"]
+        assert sr.AuthorObserverSequence[0].ObserverType == "DEV" and sr.AuthorObserverSequence[0].DeviceUID
 
 
 def test_chinese_narrative_round_trips(scenarios: dict[str, Scenario], tmp_path: Path) -> None:
@@ -653,14 +656,14 @@ def test_zh_sc_names_findings_in_chinese(cr: Dataset) -> None:
     r.findings[0].names = {"zh": "气胸"}
     ctx = Context(language="zh", sr_class="", predecessors=[], institution="", manufacturer="", device_uid="1.2.3",
                   series_number_base=900)
-    zh_lines = [text for text, _ in _panel(r, ctx).lines]
+    zh_lines = [text.removeprefix("■ ") for text, _ in _panel(r, ctx).lines]  # ■: legend of outline colours
     assert any(t.startswith("气胸:") for t in zh_lines)
     assert not any(t.startswith("Pneumothorax") for t in zh_lines)
     assert any(t.startswith("Pleural effusion:") for t in zh_lines)  # no zh name given: the label
     labels = [d.label for d in _regions_on(r, ref_of(cr), "zh")]
     assert labels[0] == "气胸" and labels[1] == "Pleural effusion"
     ctx.language = "en"
-    assert any(t.startswith("Pneumothorax:") for t, _ in _panel(r, ctx).lines)
+    assert any(t.removeprefix("■ ").startswith("Pneumothorax:") for t, _ in _panel(r, ctx).lines)
     assert _regions_on(r, ref_of(cr), "en")[0].label == "PTX"  # the region's own label in the pipeline's words
 
 

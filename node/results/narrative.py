@@ -27,7 +27,6 @@ from .common import (
     DRAFT_TEXT,
     UNVERIFIED_TEXT,
     Context,
-    device_observer,
     model_name,
     model_version,
     new_uid,
@@ -149,7 +148,8 @@ def build_narrative(result: PipelineResult, sources: list[Source], ctx: Context)
     n = narrative_for(result, lang)
     root = ContainerContentItem(C.DIAGNOSTIC_IMAGING_REPORT, template_id="2000", is_content_continuous=False)
     items: list = list(LanguageOfContentItemAndDescendants(C.language(lang)))
-    items.extend(device_observer(result, ctx))
+    # the device that wrote the report is named in the header (Author Observer Sequence), not as the first
+    # lines of the text: a report viewer otherwise opens with "Device Observer UID: 1.2.826..."
     modality = str(sources[0].header.get("Modality", ""))
     procedure = C.concept(result.procedure) if result.procedure else C.PROCEDURE_BY_MODALITY.get(modality)
     if procedure is not None:
@@ -173,6 +173,20 @@ def build_narrative(result: PipelineResult, sources: list[Source], ctx: Context)
         previous_versions=ctx.previous_versions(narrative=True),
         specific_character_set=CHARSET, series_description=series_description(result, "report"),
         record_evidence=True)
+    sr.AuthorObserverSequence = [author_observer(result, ctx)]
     C.declare_private_scheme(sr)
     return sr
+
+
+def author_observer(result: PipelineResult, ctx: Context) -> Dataset:
+    """PS3.3 C.17.2 Author Observer: the node as a device (type DEV), what TID 1004 said in the content."""
+    item = Dataset()
+    item.ObserverType = "DEV"
+    item.DeviceUID = ctx.device_uid
+    item.StationName = f"ainode {result.pipeline}"[:16]
+    item.Manufacturer = ctx.manufacturer[:64]
+    item.ManufacturerModelName = model_name(result)[:64]
+    item.InstitutionName = ctx.institution[:64] if ctx.institution else ""
+    item.InstitutionCodeSequence = []  # type 2: no code for the institution
+    return item
 
