@@ -3,8 +3,8 @@
 Chest X-ray reports have one measurement group per outlined (present) finding; absent findings are
 study-level content of the frame (issue 13), so each new combination of present findings is a new frame
 and a repeated one is known as a whole. These tests check that only the groups PixelMed has not passed
-(in the same frame) are sent to it, that a broken group is still caught, that a fresh process reuses what another passed,
-and that a report with every chest X-ray label is checked by PixelMed in full at least once.
+(in the same frame) are sent to it, that a broken group is still caught, that a fresh process reuses what
+another passed, and that a report with every chest X-ray label is checked by PixelMed in full at least once.
 
 What was sent is seen through ``validate.on_pixelmed``: it is called with the file actually handed to
 PixelMed, which the tests read back and count groups in.

@@ -63,7 +63,7 @@ def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax(arr)
     if _has_voi(ds) and _window_spans_everything(ds, arr):
-        return _percentile_grey(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), ds)
+        return _percentile_grey(arr, ds)
     if arr.dtype.kind in "iu" and arr.size and _has_voi(ds):  # (a robust range needs every pixel: no table)
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo <= MAX_LUT_ENTRIES:
@@ -84,15 +84,28 @@ def _window_spans_everything(ds: Dataset, arr: np.ndarray) -> bool:
     return _first(ds.WindowWidth) >= 0.9 * max(hi - lo, 1.0) or _first(ds.WindowWidth) > 4 * max(hi - lo, 1.0)
 
 
-def _percentile_grey(x: np.ndarray, ds: Dataset) -> np.ndarray:
-    """A window from the 1st-99th percentiles of the central region (the body, not collimation or labels)."""
-    h, w = x.shape[:2]
-    centre = x[h // 10: h - h // 10, w // 10: w - w // 10]
-    lo, hi = np.percentile(centre, [1.0, 99.0])
-    norm = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        norm = 1.0 - norm
-    return np.round(norm * 255.0).astype(np.uint8)
+def _percentile_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """A window from the 1st-99th percentiles of the central region (the body, not collimation or labels).
+
+    Percentiles from every 4th pixel of the centre, and integer images mapped through a table, as above:
+    the same picture at a fraction of the time on a 2000 x 2000 radiograph.
+    """
+    h, w = arr.shape[:2]
+    centre = arr[h // 10: h - h // 10: 4, w // 10: w - w // 10: 4]
+    lo, hi = np.percentile(np.asarray(apply_modality_lut(centre, ds), dtype=np.float64), [1.0, 99.0])
+    mono1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+
+    def grey(x: np.ndarray) -> np.ndarray:
+        norm = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        return np.round((1.0 - norm if mono1 else norm) * 255.0).astype(np.uint8)
+
+    if arr.dtype.kind in "iu":
+        a0, a1 = int(arr.min()), int(arr.max())
+        if a1 - a0 <= MAX_LUT_ENTRIES:
+            values = np.arange(a0, a1 + 1, dtype=np.int64).astype(arr.dtype)
+            lut = grey(np.asarray(apply_modality_lut(values, ds), dtype=np.float64))
+            return lut[np.subtract(arr, a0, dtype=np.int32 if arr.dtype.itemsize <= 2 else np.int64)]
+    return grey(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64))
 
 
 #: Stored-value ranges up to this size are windowed through a table (16-bit images always are).
