@@ -302,18 +302,32 @@ def test_refused_result_encodes_nothing(cr: Dataset) -> None:
 
 
 # --------------------------------------------------------------------------- TID 1500 content
+IMAGING_MEASUREMENTS = ("126010", "DCM")
+DERIVED = ("126011", "DCM")
+QUALITATIVE = ("C0034375", "UMLS")
+
+
+def section(sr: Dataset, name: tuple[str, str]) -> Dataset | None:
+    return next((i for i in sr.ContentSequence if concept(i) == name), None)
+
+
 def test_tid1500_findings_probabilities_regions_algorithm(scenarios: dict[str, Scenario]) -> None:
     sr = scenarios["cxr"].tid1500
     groups = find_items(sr, ("125007", "DCM"), "CONTAINER")
-    assert len(groups) == 3  # one per finding
+    assert len(groups) == 2  # one per outlined finding; the finding without a region is study-level
     uids = [i.UID for i in find_items(sr, ("112040", "DCM"), "UIDREF")]
-    assert len(uids) == 3 and len(set(uids)) == 3
+    assert len(uids) == 2 and len(set(uids)) == 2
     evaluations = {concept(i): code_value(i) for i in items(sr) if i.ValueType == "CODE"}
     assert evaluations[("36118008", "SCT")] == ("52101004", "SCT")  # Pneumothorax: Present
     assert evaluations[("8186001", "SCT")] == ("272519000", "SCT")  # Cardiomegaly: Absent
     assert evaluations[("CRITICAL", PRIVATE_SCHEME)] == ("373066001", "SCT")
     probs = [float(i.MeasuredValueSequence[0].NumericValue) for i in find_items(sr, ("122157", "DCM"), "NUM")]
     assert sorted(probs) == [0.08, 0.71, 0.93]
+    absent = [code_value(i) for i in items(section(sr, QUALITATIVE)) if concept(i) == ("8186001", "SCT")]
+    assert absent == [("272519000", "SCT")]
+    cardio = find_items(section(sr, DERIVED), ("122157", "DCM"), "NUM")
+    assert [float(i.MeasuredValueSequence[0].NumericValue) for i in cardio] == [0.08]
+    assert "Probability of Cardiomegaly (Cardiomegaly)" in texts(cardio[0])
     scoords = {str(i.GraphicType) for i in items(sr) if i.ValueType == "SCOORD"}
     assert scoords == {"POLYLINE", "CIRCLE"}
     poly = next(i for i in items(sr) if i.ValueType == "SCOORD" and i.GraphicType == "POLYLINE")
@@ -329,40 +343,101 @@ def test_tid1500_findings_probabilities_regions_algorithm(scenarios: dict[str, S
     assert library and find_items(library[0], None, "IMAGE")
 
 
+def _drawable(group: Dataset) -> bool:
+    """What OHIF 3.x needs of a measurement group: a SCOORD, on the group or under one of its NUMs."""
+    return any(c.ValueType in ("SCOORD", "SCOORD3D") for c in group.ContentSequence) or any(
+        c.ValueType == "NUM" and any(x.ValueType == "SCOORD" for x in c.get("ContentSequence", []))
+        for c in group.ContentSequence)
+
+
+@pytest.mark.parametrize("name", ["cxr", "ct", "empty_ct", "zh", "head"])
+def test_every_measurement_group_has_an_image_region(scenarios: dict[str, Scenario], name: str) -> None:
+    """OHIF dereferences the first SCOORD of every group under Imaging Measurements (issue 13): a group
+    without one left its SR viewport black. Study-level content lives in Derived / Qualitative instead."""
+    sr = scenarios[name].tid1500
+    container = section(sr, IMAGING_MEASUREMENTS)
+    groups = [g for g in (container.ContentSequence if container else []) if concept(g) == ("125007", "DCM")]
+    assert all(_drawable(g) for g in groups), name
+    assert section(sr, QUALITATIVE) is not None
+    order = [concept(i) for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+    assert order == sorted(order, key=[("111028", "DCM"), IMAGING_MEASUREMENTS, DERIVED, QUALITATIVE].index)
+
+
 def test_single_region_goes_with_its_probability(scenarios: dict[str, Scenario]) -> None:
-    """One outlined finding among unoutlined ones: the region hangs off the Probability NUM (TID 300)."""
+    """One outlined finding among unoutlined ones: the outline is the only group, a TID 1410 group."""
     sr = scenarios["zh"].tid1500
-    assert not [i for i in find_items(sr, ("125007", "DCM"), "CONTAINER")
-                if any(c.ValueType == "SCOORD" for c in i.ContentSequence)]
-    probs = find_items(sr, ("122157", "DCM"), "NUM")
-    circles = [c for p in probs for c in p.get("ContentSequence", []) if c.ValueType == "SCOORD"]
+    groups = find_items(section(sr, IMAGING_MEASUREMENTS), ("125007", "DCM"), "CONTAINER")
+    assert len(groups) == 1
+    circles = [c for c in groups[0].ContentSequence if c.ValueType == "SCOORD"]
     assert len(circles) == 1 and circles[0].GraphicType == "CIRCLE"
-    assert circles[0].RelationshipType == "INFERRED FROM"
+    assert [float(i.MeasuredValueSequence[0].NumericValue) for i in find_items(groups[0], ("122157", "DCM"))] == [0.71]
 
 
 def test_tid1500_measurements_units_and_rois(scenarios: dict[str, Scenario], ct_files: list[Path]) -> None:
     sr = scenarios["ct"].tid1500
     assert {"[hnsf'U]", "mGy", "mGy.cm", "1"} <= num_units(sr)
     groups = find_items(sr, ("125007", "DCM"), "CONTAINER")
-    assert len(groups) == 3  # Liver ROI, Fat ROI, Dose
+    assert len(groups) == 2  # Liver ROI, Fat ROI; the dose numbers have no region
     circles = [i for i in items(sr) if i.ValueType == "SCOORD" and i.GraphicType == "CIRCLE"]
     assert len(circles) == 2
     derivations = [code_value(i) for i in find_items(sr, ("121401", "DCM"), "CODE")]
     assert derivations == [("373098007", "SCT")]
     sites = [code_value(i) for i in find_items(sr, ("363698007", "SCT"), "CODE")]
     assert ("10200004", "SCT") in sites
-    dose = next(g for g in groups if "Dose" in texts(g))
-    quality = [code_value(i) for i in items(dose) if concept(i) == ("111101", "DCM")]
+    derived = section(sr, DERIVED)
+    dose = [i for i in derived.ContentSequence if i.ValueType == "NUM"]
+    assert [concept(i) for i in dose] == [("113830", "DCM"), ("113838", "DCM")]
+    assert all("Dose" in texts(i)[0] for i in dose)  # the group it belongs to, in words
+    refs = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for d in dose for i in items(d) if i.ValueType == "IMAGE"}
+    series = {str(h.SOPInstanceUID) for h in ct_headers(ct_files)}
+    assert len(refs) == 1 and refs <= series  # the series it was measured on, by one of its images
+    quality = [code_value(i) for i in items(section(sr, QUALITATIVE)) if concept(i) == ("111101", "DCM")]
     assert quality == [("PASS", PRIVATE_SCHEME)]
-    series_refs = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items(dose) if i.ValueType == "IMAGE"}
-    assert len(series_refs) == len(ct_files)  # dose measured on the series: every slice referenced
+    assert "Dose: Image quality Acceptable" in texts(section(sr, QUALITATIVE))
 
 
 def test_no_findings_still_makes_a_report(scenarios: dict[str, Scenario]) -> None:
     sr = scenarios["empty_ct"].tid1500
-    groups = find_items(sr, ("125007", "DCM"), "CONTAINER")
-    assert len(groups) == 1
-    assert [code_value(i) for i in items(groups[0]) if concept(i) == ("121071", "DCM")] == [("281900007", "SCT")]
+    assert not find_items(sr, ("125007", "DCM"), "CONTAINER")
+    assert section(sr, IMAGING_MEASUREMENTS) is None
+    said = [code_value(i) for i in items(section(sr, QUALITATIVE)) if concept(i) == ("121071", "DCM")]
+    assert said == [("281900007", "SCT")]
+
+
+def test_containers_separate_and_image_library_compact(scenarios: dict[str, Scenario]) -> None:
+    for name in ("ct", "cxr", "zh"):
+        for sr in (scenarios[name].tid1500, scenarios[name].narrative):
+            conts = [sr] + [i for i in items(sr) if i.ValueType == "CONTAINER"]
+            assert {str(c.ContinuityOfContent) for c in conts} == {"SEPARATE"}, name
+    library = section(scenarios["ct"].tid1500, ("111028", "DCM"))
+    group = library.ContentSequence[0]
+    shared = [concept(i) for i in group.ContentSequence if i.ValueType != "IMAGE"]
+    assert ("112227", "DCM") in shared  # the frame of reference once, for all its images
+    for entry in (i for i in group.ContentSequence if i.ValueType == "IMAGE"):
+        assert len(entry.get("ContentSequence", [])) <= 2  # only what differs (here: position)
+
+
+def test_dsr2html_names_every_number(scenarios: dict[str, Scenario], tmp_path: Path) -> None:
+    """What many PACS show an SR with: every NUM's concept name right before its value (issue 13)."""
+    import html
+    import re
+    import subprocess
+
+    for name in ("ct", "cxr"):
+        sr = scenarios[name].tid1500
+        p = tmp_path / f"{name}.dcm"
+        sr.save_as(p, enforce_file_format=True)
+        page = html.unescape(subprocess.run(["/usr/bin/dsr2html", str(p)], capture_output=True, text=True,
+                                            check=True).stdout)
+        shown = re.findall(r"<b>([^<]*):</b><br>\s*<span class=\"under\">([-0-9.e]+) ", page)
+        nums = [i for i in items(sr) if i.ValueType == "NUM" and "MeasuredValueSequence" in i
+                and i.RelationshipType == "CONTAINS"]
+        assert nums
+        for n in nums:
+            meaning = str(n.ConceptNameCodeSequence[0].CodeMeaning)
+            value = str(n.MeasuredValueSequence[0].NumericValue)
+            assert (meaning, value) in shown, (name, meaning, value)
 
 
 def test_predecessors_listed(scenarios: dict[str, Scenario], predecessor: SOPRef) -> None:
@@ -404,6 +479,40 @@ def test_narrative_sections(scenarios: dict[str, Scenario]) -> None:
     assert sr.CompletionFlag == "PARTIAL"
     quiet = scenarios["empty_ct"].narrative
     assert ("73568-8", "LN") not in {concept(i) for i in quiet.ContentSequence if i.ValueType == "CONTAINER"}
+
+
+def test_narrative_states_the_marking_once_per_section(cr: Dataset) -> None:
+    """Issue 11/13: each section opens with the UNVERIFIED (or PRELIMINARY) line once, even when the
+    pipeline already put its own banner on the text; paragraphs are separate items, sections in order."""
+    from pipelines.cxr.report import mark_unverified
+
+    for verified, lang in ((False, "en"), (False, "zh"), (True, "en")):
+        r = cxr_result(cr, verified=verified)
+        r.narrative["en"].recommendations = "Clinical correlation.\nFollow-up radiograph."
+        r.narrative["zh"] = Narrative(findings="右侧气胸。", impression="气胸。", critical="怀疑气胸。")
+        if not verified:
+            r.narrative = {k: mark_unverified(n, k) for k, n in r.narrative.items()}
+        sr = encode(r, [cr], EncodeOptions(language=lang))[1]
+        sections = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+        order = [concept(i) for i in sections]
+        expected = [("59776-5", "LN"), ("19005-8", "LN")] + ([("18783-1", "LN")] if lang == "en" else []) + [
+            ("73568-8", "LN")]
+        assert order == expected, (verified, lang)
+        for sec in sections:
+            t = texts(sec)
+            if verified:
+                assert t[0].startswith("PRELIMINARY") and not any("UNVERIFIED" in x for x in t)
+            else:
+                assert sum(UNVERIFIED_TEXT in x for x in t) == 1, (lang, t)
+                assert UNVERIFIED_TEXT in t[0]
+            assert sum("AI-generated draft" in x or "AI 生成的草稿" in x for x in t) == 1
+        if lang == "en":
+            assert texts(sections[2])[1:] == ["Clinical correlation.", "Follow-up radiograph."]
+            assert texts(sections[0])[-1] == "Algorithm: densenet121-res224-all 2.1"
+        assert not any("1.2.826" in x for x in texts(sr))  # no UID in the text a reader sees
+        # the device is named in the header, not as the report's first lines (OHIF showed its UID there)
+        assert not [i for i in sr.ContentSequence if i.RelationshipType == "HAS OBS CONTEXT"]
+        assert sr.AuthorObserverSequence[0].ObserverType == "DEV" and sr.AuthorObserverSequence[0].DeviceUID
 
 
 def test_chinese_narrative_round_trips(scenarios: dict[str, Scenario], tmp_path: Path) -> None:
@@ -466,7 +575,30 @@ def _expected_display(cr: Dataset) -> np.ndarray:
     return 255.0 - np.round(y * 255.0)
 
 
+def _windowed(cr: Dataset) -> Dataset:
+    """RG1 with a real display window (its own W30000/L15000 spans the whole 15-bit range)."""
+    ds = copy.deepcopy(cr)
+    ds.WindowCenter, ds.WindowWidth = 12000, 16000
+    return ds
+
+
+def test_full_range_window_is_replaced_by_a_body_percentile_window(cr: Dataset) -> None:
+    """Issue 13: RG1's header window burned in left the lungs mid-grey; now lungs are dark, full contrast."""
+    img = display_values(cr).astype(float)
+    h, w = img.shape
+    centre = img[h // 10: h - h // 10, w // 10: w - w // 10]
+    lo, hi = np.percentile(centre, [1, 99])
+    assert hi - lo >= 200
+    rows = slice(h // 3, h // 2)
+    lungs = np.concatenate([img[rows, w // 5: w // 3], img[rows, 2 * w // 3: 4 * w // 5]], axis=1)
+    assert lungs.mean() < 110 and lungs.mean() + 60 < img[rows, 9 * w // 20: 11 * w // 20].mean()
+    old = 255.0 - np.round(np.clip((cr.pixel_array - 14999.5) / 29999 + 0.5, 0, 1) * 255.0)
+    assert np.percentile(old[h // 10: h - h // 10, w // 10: w - w // 10], 99) - np.percentile(
+        old[h // 10: h - h // 10, w // 10: w - w // 10], 1) < 200  # what the header window gave
+
+
 def test_sc_polarity_monochrome1(cr: Dataset) -> None:
+    cr = _windowed(cr)
     objs = encode(empty_result(), [cr], EncodeOptions())
     sc = next(o for o in objs if o.SOPClassUID == SC_CLASS)
     img = sc.pixel_array[: cr.Rows, : cr.Columns, 0].astype(float)
@@ -524,14 +656,14 @@ def test_zh_sc_names_findings_in_chinese(cr: Dataset) -> None:
     r.findings[0].names = {"zh": "气胸"}
     ctx = Context(language="zh", sr_class="", predecessors=[], institution="", manufacturer="", device_uid="1.2.3",
                   series_number_base=900)
-    zh_lines = [text for text, _ in _panel(r, ctx).lines]
+    zh_lines = [text.removeprefix("■ ") for text, _ in _panel(r, ctx).lines]  # ■: legend of outline colours
     assert any(t.startswith("气胸:") for t in zh_lines)
     assert not any(t.startswith("Pneumothorax") for t in zh_lines)
     assert any(t.startswith("Pleural effusion:") for t in zh_lines)  # no zh name given: the label
     labels = [d.label for d in _regions_on(r, ref_of(cr), "zh")]
     assert labels[0] == "气胸" and labels[1] == "Pleural effusion"
     ctx.language = "en"
-    assert any(t.startswith("Pneumothorax:") for t, _ in _panel(r, ctx).lines)
+    assert any(t.removeprefix("■ ").startswith("Pneumothorax:") for t, _ in _panel(r, ctx).lines)
     assert _regions_on(r, ref_of(cr), "en")[0].label == "PTX"  # the region's own label in the pipeline's words
 
 
@@ -728,10 +860,10 @@ def test_display_table_equals_per_pixel_windowing(cr: Dataset, rescale: tuple[fl
 
     from node.results.render import _grey_levels
 
-    ds = copy.deepcopy(cr)
+    ds = _windowed(cr)
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
-        ds.WindowCenter, ds.WindowWidth = 2 * 15000 - 1024, 60000
+        ds.WindowCenter, ds.WindowWidth = 2 * 12000 - 1024, 32000
     per_pixel = _grey_levels(np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64), ds)
     assert np.array_equal(display_values(ds), per_pixel)
 

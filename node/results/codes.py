@@ -96,3 +96,8 @@ def declare_private_scheme(ds: Dataset) -> None:
     item.CodingSchemeResponsibleOrganization = "ainode"
     seq.append(item)
     ds.CodingSchemeIdentificationSequence = seq
+
+# --- TID 1500 containers and TID 300 modifiers used for study-level content (see README.md)
+IMAGING_MEASUREMENTS = CodedConcept("126010", "DCM", "Imaging Measurements")
+DERIVED_IMAGING_MEASUREMENTS = CodedConcept("126011", "DCM", "Derived Imaging Measurements")
+EQUIVALENT_MEANING = CodedConcept("121050", "DCM", "Equivalent Meaning of Concept Name")

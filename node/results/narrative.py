@@ -19,6 +19,7 @@ from highdicom.sr.value_types import ContentSequence
 from pydicom.dataset import Dataset
 
 from pipelines.base import Finding, Narrative, PipelineResult
+from pipelines.models import UNVERIFIED_BANNER, UNVERIFIED_BANNER_ZH
 
 from . import codes as C
 from .common import (
@@ -26,7 +27,6 @@ from .common import (
     DRAFT_TEXT,
     UNVERIFIED_TEXT,
     Context,
-    device_observer,
     model_name,
     model_version,
     new_uid,
@@ -39,8 +39,10 @@ WORDS = {
     "en": {
         "draft": DRAFT_TEXT,
         "unverified": UNVERIFIED_TEXT,
+        "preliminary": "PRELIMINARY",
         "none": "No findings reported by the algorithm.",
         "more": "... and {n} more results in the structured report",
+        "others_absent": "{n} other findings not detected",
         "present": "present", "absent": "not detected", "possible": "possible", "probability": "probability",
         "threshold": "threshold",
         "critical": "Critical finding",
@@ -49,8 +51,10 @@ WORDS = {
     "zh": {
         "draft": "AI 生成的草稿 — 需经医师审核 (" + DRAFT_TEXT + ")",
         "unverified": "未验证模型 — 不得用于临床 (" + UNVERIFIED_TEXT + ")",
+        "preliminary": "初步结果 (PRELIMINARY)",
         "none": "算法未报告任何发现。",
         "more": "……另有 {n} 项结果见结构化报告",
+        "others_absent": "其余 {n} 项未检出",
         "present": "存在", "absent": "未检出", "possible": "可能存在", "probability": "概率", "threshold": "阈值",
         "critical": "危急发现",
         "algorithm": "算法",
@@ -93,8 +97,10 @@ def finding_lines(result: PipelineResult, language: str) -> list[str]:
         lines.append(f"{f.name(language)}: {state}{p}{crit}{note}")
     for m in result.measurements:
         unit = m.unit.value if m.unit.value not in ("1", "[hnsf'U]") else ("HU" if m.unit.value == "[hnsf'U]" else "")
-        where = f" [{m.group}]" if m.group else ""
-        lines.append(f"{m.label or m.code.meaning}{where}: {_fmt(m.value)} {unit}".rstrip())
+        # the quantity's name first: mean, SD and SNR of one ROI share a label and must not look alike
+        detail = ", ".join(x for x in (m.group, m.label) if x and x != m.code.meaning)
+        where = f" ({detail})" if detail else ""
+        lines.append(f"{m.code.meaning}{where}: {_fmt(m.value)} {unit}".rstrip())
     for e in result.evaluations:
         lines.append(f"{e.name.meaning}: {e.value.meaning}" + (f" — {e.note}" if e.note else ""))
     return lines
@@ -117,38 +123,61 @@ def critical_text(result: PipelineResult, language: str) -> str:
 
 
 def _section(name, concept_name, texts: list[str]) -> ContainerContentItem:
-    box = ContainerContentItem(name, relationship_type=R.CONTAINS)
+    """One TEXT item per paragraph, SEPARATE: viewers show each on its own line instead of one run-on."""
+    box = ContainerContentItem(name, relationship_type=R.CONTAINS, is_content_continuous=False)
     box.ContentSequence = ContentSequence([TextContentItem(concept_name, t, relationship_type=R.CONTAINS)
                                            for t in texts if t])
     return box
+
+
+#: Banners pipelines may already have put at the top of their own text (pipelines.cxr.report.mark_unverified).
+_BANNERS = (f"{UNVERIFIED_BANNER}（{UNVERIFIED_BANNER_ZH}）。", f"{UNVERIFIED_BANNER}.", UNVERIFIED_BANNER,
+            UNVERIFIED_BANNER_ZH)
+
+
+def paragraphs(text: str) -> list[str]:
+    """The pipeline's text as paragraphs, without any unverified banner it carries (the section states it)."""
+    out = []
+    for para in (text or "").split("\n"):
+        para = para.strip()
+        for b in _BANNERS:
+            if para.startswith(b):
+                para = para[len(b):].lstrip(" ：:.")
+        if para:
+            out.append(para)
+    return out
+
+
+def marking(result: PipelineResult, language: str) -> str:
+    """The status line each section opens with, once: unverified model, else preliminary AI draft."""
+    w = words(language)
+    end = "。" if language == "zh" else "."
+    head = w["unverified"] if result.unverified else w["preliminary"]
+    return f"{head}{end} {w['draft']}{end}"
 
 
 def build_narrative(result: PipelineResult, sources: list[Source], ctx: Context) -> Dataset:
     lang = ctx.language
     w = words(lang)
     n = narrative_for(result, lang)
-    root = ContainerContentItem(C.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
+    root = ContainerContentItem(C.DIAGNOSTIC_IMAGING_REPORT, template_id="2000", is_content_continuous=False)
     items: list = list(LanguageOfContentItemAndDescendants(C.language(lang)))
-    items.extend(device_observer(result, ctx))
+    # the device that wrote the report is named in the header (Author Observer Sequence), not as the first
+    # lines of the text: a report viewer otherwise opens with "Device Observer UID: 1.2.826..."
     modality = str(sources[0].header.get("Modality", ""))
     procedure = C.concept(result.procedure) if result.procedure else C.PROCEDURE_BY_MODALITY.get(modality)
     if procedure is not None:
         items.append(CodeContentItem(C.PROCEDURE_REPORTED, procedure, relationship_type=R.HAS_CONCEPT_MOD))
-    header = [w["draft"]]
-    if result.unverified:
-        header.insert(0, w["unverified"])
-    header.append(f"{w['algorithm']}: {model_name(result)} {model_version(result)}")
-    findings = header + [n.findings or w["none"]]
+    mark = marking(result, lang)
+    algo = f"{w['algorithm']}: {model_name(result)} {model_version(result)}"
+    findings = [mark, *(paragraphs(n.findings) or [w["none"]]), algo]
     items.append(_section(C.FINDINGS_SECTION, C.FINDING, findings))
-    impressions = [n.impression] if n.impression else [w["none"]]
-    if result.unverified:
-        impressions.append(w["unverified"])
-    items.append(_section(C.IMPRESSIONS_SECTION, C.IMPRESSION, impressions))
-    if n.recommendations:
-        items.append(_section(C.RECOMMENDATIONS_SECTION, C.RECOMMENDATION, [n.recommendations]))
+    items.append(_section(C.IMPRESSIONS_SECTION, C.IMPRESSION, [mark, *(paragraphs(n.impression) or [w["none"]])]))
+    if paragraphs(n.recommendations):
+        items.append(_section(C.RECOMMENDATIONS_SECTION, C.RECOMMENDATION, [mark, *paragraphs(n.recommendations)]))
     if result.critical:
-        crit = n.critical or critical_text(result, lang)
-        items.append(_section(C.CRITICAL_SECTION, C.FINDING, [crit]))
+        crit = paragraphs(n.critical) or [critical_text(result, lang)]
+        items.append(_section(C.CRITICAL_SECTION, C.FINDING, [mark, *crit]))
     root.ContentSequence = ContentSequence(items)
     evidence = [s.header for s in sources if s.is_image] or [sources[0].header]
     sr = EnhancedSR(
@@ -158,6 +187,20 @@ def build_narrative(result: PipelineResult, sources: list[Source], ctx: Context)
         previous_versions=ctx.previous_versions(narrative=True),
         specific_character_set=CHARSET, series_description=series_description(result, "report"),
         record_evidence=True)
+    sr.AuthorObserverSequence = [author_observer(result, ctx)]
     C.declare_private_scheme(sr)
     return sr
+
+
+def author_observer(result: PipelineResult, ctx: Context) -> Dataset:
+    """PS3.3 C.17.2 Author Observer: the node as a device (type DEV), what TID 1004 said in the content."""
+    item = Dataset()
+    item.ObserverType = "DEV"
+    item.DeviceUID = ctx.device_uid
+    item.StationName = f"ainode {result.pipeline}"[:16]
+    item.Manufacturer = ctx.manufacturer[:64]
+    item.ManufacturerModelName = model_name(result)[:64]
+    item.InstitutionName = ctx.institution[:64] if ctx.institution else ""
+    item.InstitutionCodeSequence = []  # type 2: no code for the institution
+    return item
 

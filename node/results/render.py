@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from pipelines.base import Overlay, Region
+
+from .fonts import CJK_FONTS, LATIN_FONTS, TextFont, font, font_path  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -32,88 +31,8 @@ CYAN = (0, 220, 255)
 ORANGE = (255, 150, 0)
 WHITE = (255, 255, 255)
 GREY = (190, 190, 190)
+GREEN = (60, 220, 90)
 
-_HERE = Path(__file__).parent
-LATIN_FONTS = [
-    _HERE / "fonts" / "DejaVuSans.ttf",
-    Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),  # fonts-dejavu-core
-    Path("/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf"),
-    Path("/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"),
-]
-CJK_FONTS = [
-    _HERE / "fonts" / "DroidSansFallbackFull.ttf",
-    Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),  # fonts-wqy-microhei
-    Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),  # fonts-noto-cjk
-    Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"),  # fonts-droid-fallback
-]
-
-
-@lru_cache(maxsize=4)
-def font_path(language: str = "en") -> Path | None:
-    """A real TTF for the script; None means PIL's built-in font (logged, because it is ugly)."""
-    env = os.environ.get("AINODE_FONT_CJK" if language == "zh" else "AINODE_FONT")
-    candidates = ([Path(env)] if env else []) + (CJK_FONTS if language == "zh" else LATIN_FONTS)
-    for p in candidates:
-        if p.exists():
-            return p
-    log.warning("no TrueType font found for %r; falling back to PIL's default font", language)
-    return None
-
-
-def _load(path: Path | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    if path is not None:
-        return ImageFont.truetype(str(path), size)
-    try:
-        return ImageFont.load_default(size)
-    except TypeError:  # very old Pillow
-        return ImageFont.load_default()
-
-
-def _is_cjk(ch: str) -> bool:
-    return ord(ch) >= 0x2E80  # CJK radicals onwards, incl. full-width punctuation
-
-
-class TextFont:
-    """Latin text in the Latin font, CJK runs in the CJK font.
-
-    Fallback CJK fonts (Droid Sans Fallback) have no Latin glyphs and Latin fonts no Han ones, and a
-    Chinese panel line mixes both ("算法: densenet 2.1").
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self.latin = _load(font_path("en"), size)
-        self._cjk: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None
-
-    @property
-    def cjk(self) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-        if self._cjk is None:
-            self._cjk = _load(font_path("zh"), self.size)
-        return self._cjk
-
-    def runs(self, text: str) -> list[tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]]:
-        out: list[tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]] = []
-        for ch in text:
-            f = self.cjk if _is_cjk(ch) else self.latin
-            if out and out[-1][1] is f:
-                out[-1] = (out[-1][0] + ch, f)
-            else:
-                out.append((ch, f))
-        return out
-
-    def length(self, d: ImageDraw.ImageDraw, text: str) -> float:
-        return sum(d.textlength(t, font=f) for t, f in self.runs(text))
-
-    def draw(self, d: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: tuple[int, int, int]) -> None:
-        x, y = xy
-        for t, f in self.runs(text):
-            d.text((x, y), t, fill=fill, font=f)
-            x += d.textlength(t, font=f)
-
-
-@lru_cache(maxsize=16)
-def font(size: int) -> TextFont:
-    return TextFont(size)
 
 
 # --------------------------------------------------------------------------- windowing
@@ -143,6 +62,8 @@ def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
         arr = arr[(frame or 1) - 1]
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return arr.astype(np.uint8) if arr.dtype == np.uint8 else _minmax(arr)
+    if _has_voi(ds) and _window_spans_everything(ds, arr):
+        return _percentile_grey(arr, ds)
     if arr.dtype.kind in "iu" and arr.size and _has_voi(ds):  # (a robust range needs every pixel: no table)
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo <= MAX_LUT_ENTRIES:
@@ -150,6 +71,41 @@ def display_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
             lut = _grey_levels(np.asarray(apply_modality_lut(values, ds), dtype=np.float64), ds)
             return lut[np.subtract(arr, lo, dtype=np.int32 if arr.dtype.itemsize <= 2 else np.int64)]
     return _grey_levels(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), ds)
+
+
+def _window_spans_everything(ds: Dataset, arr: np.ndarray) -> bool:
+    """A "window" as wide as the whole stored range (W30000/L15000 on a 15-bit CR) is no display window:
+    burned in, it leaves the lungs mid-grey. A VOI LUT is always taken as meant."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) and "LUTData" in ds.VOILUTSequence[0]:
+        return False
+    if "WindowWidth" not in ds or not arr.size:
+        return False
+    lo, hi = (float(v) for v in apply_modality_lut(np.array([arr.min(), arr.max()]), ds))
+    return _first(ds.WindowWidth) >= 0.9 * max(hi - lo, 1.0) or _first(ds.WindowWidth) > 4 * max(hi - lo, 1.0)
+
+
+def _percentile_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """A window from the 1st-99th percentiles of the central region (the body, not collimation or labels).
+
+    Percentiles from every 4th pixel of the centre, and integer images mapped through a table, as above:
+    the same picture at a fraction of the time on a 2000 x 2000 radiograph.
+    """
+    h, w = arr.shape[:2]
+    centre = arr[h // 10: h - h // 10: 4, w // 10: w - w // 10: 4]
+    lo, hi = np.percentile(np.asarray(apply_modality_lut(centre, ds), dtype=np.float64), [1.0, 99.0])
+    mono1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+
+    def grey(x: np.ndarray) -> np.ndarray:
+        norm = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        return np.round((1.0 - norm if mono1 else norm) * 255.0).astype(np.uint8)
+
+    if arr.dtype.kind in "iu":
+        a0, a1 = int(arr.min()), int(arr.max())
+        if a1 - a0 <= MAX_LUT_ENTRIES:
+            values = np.arange(a0, a1 + 1, dtype=np.int64).astype(arr.dtype)
+            lut = grey(np.asarray(apply_modality_lut(values, ds), dtype=np.float64))
+            return lut[np.subtract(arr, a0, dtype=np.int32 if arr.dtype.itemsize <= 2 else np.int64)]
+    return grey(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64))
 
 
 #: Stored-value ranges up to this size are windowed through a table (16-bit images always are).
@@ -272,8 +228,10 @@ class DrawnRegion:
     label: str = ""
 
 
-def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, language: str) -> None:
+def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, language: str) -> list[Box]:
+    """Outlines, then each label in free room inside the image (returns the label boxes, for tests)."""
     d = ImageDraw.Draw(img)
+    todo: list[tuple[tuple[float, float], Box, str, tuple[int, int, int]]] = []
     lw = max(2, round(max(img.size) / 600))
     f = font(max(14, round(max(img.size) / 70)))
 
@@ -305,9 +263,55 @@ def draw_regions(img: Image.Image, regions: list[DrawnRegion], scale: float, lan
             anchor = (max(p[0] for p in pts), min(p[1] for p in pts))
         text = dr.label or dr.region.label
         if text:
-            x, y = anchor
-            d.rectangle([x + lw, y, x + lw + f.length(d, text), y + round(f.size * 1.2)], fill=(0, 0, 0))
-            f.draw(d, (x + lw, y), text, dr.colour)
+            todo.append((anchor, outline_box(pts, gt), text, dr.colour))
+    obstacles = [o for _, o, _, _ in todo]  # a label covers no outline and no other label
+    labels: list[Box] = []
+    for anchor, outline, text, colour in todo:
+        box = place_label(anchor, (f.length(d, text) + 2 * lw, round(f.size * 1.25)), img.size,
+                          obstacles + labels, outline)
+        if box is None:
+            continue  # no free room inside the image: the panel's legend names it
+        labels.append(box)
+        d.rectangle(box, fill=(0, 0, 0))
+        f.draw(d, (box[0] + lw, box[1]), text, colour)
+    return labels
+
+
+Box = tuple[float, float, float, float]
+
+
+def outline_box(pts: list[tuple[float, float]], graphic_type: str) -> Box:
+    if graphic_type == "CIRCLE" and len(pts) >= 2:
+        (cx, cy), (ex, ey) = pts[0], pts[1]
+        r = math.hypot(ex - cx, ey - cy)
+        return (cx - r, cy - r, cx + r, cy + r)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_label(anchor: tuple[float, float], size: tuple[float, float], image: tuple[int, int],
+                placed: list[Box], outline: Box) -> Box | None:
+    """A box of ``size`` next to its outline, wholly inside the image and clear of every label placed so
+    far: right of the outline, left, above, below, then further out; None when nothing fits."""
+    w, h = size
+    iw, ih = image
+    x0, y0, x1, y1 = outline
+    cands = []
+    for step in (0.0, 1.0, 2.0, 3.0):
+        dy = step * h
+        cands += [(x1 + 2, anchor[1] + dy), (x0 - w - 2, anchor[1] + dy), (x1 + 2, anchor[1] - dy),
+                  (x0 - w - 2, anchor[1] - dy), ((x0 + x1 - w) / 2, y0 - h - 2 - dy), ((x0 + x1 - w) / 2, y1 + 2 + dy)]
+    for x, y in cands:
+        box = (x, y, x + w, y + h)
+        if box[0] < 0 or box[1] < 0 or box[2] > iw - 1 or box[3] > ih - 1:
+            continue
+        if not any(_overlap(box, p) for p in placed):
+            return box
+    return None
 
 
 # --------------------------------------------------------------------------- panel
@@ -319,6 +323,8 @@ class Panel:
     lines: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
     banner: str = ""
     language: str = "en"
+    #: header row then data rows, drawn as aligned columns under the lines (e.g. one row per reconstruction)
+    table: list[list[str]] = field(default_factory=list)
 
 
 def _wrap(text: str, f: TextFont, width: int, d: ImageDraw.ImageDraw) -> list[str]:
@@ -363,7 +369,9 @@ def render_panel(width: int, panel: Panel) -> np.ndarray:
             rows.append((ln, colour, f))
     line_h = round(size * 1.3)
     banner_h = round(size * 2.0) if panel.banner else 0
-    height = banner_h + 2 * margin + line_h * len(rows)
+    tf, widths = _table_layout(panel.table, width - 2 * margin, size, scratch)
+    table_h = round(tf.size * 1.35) * len(panel.table) + (margin if panel.table else 0)
+    height = banner_h + 2 * margin + line_h * len(rows) + table_h
     img = Image.new("RGB", (width, height), (0, 0, 0))
     d = ImageDraw.Draw(img)
     if panel.banner:
@@ -374,14 +382,35 @@ def render_panel(width: int, panel: Panel) -> np.ndarray:
     for text, colour, ff in rows:
         ff.draw(d, (margin, y), text, colour)
         y += line_h
+    if panel.table:
+        y += margin // 2
+        for i, row in enumerate(panel.table):
+            x = margin
+            for cell, cw in zip(row, widths):
+                tf.draw(d, (x, y), cell, CYAN if i == 0 else WHITE)
+                x += cw
+            y += round(tf.size * 1.35)
     return np.asarray(img)
+
+
+def _table_layout(table: list[list[str]], room: int, size: int, d: ImageDraw.ImageDraw) -> tuple[TextFont, list[int]]:
+    """Column widths for ``table``; the font shrinks (down to 12 px) until the widest row fits ``room``."""
+    while True:
+        f = font(size)
+        gap = size
+        widths = [max(int(f.length(d, r[c])) for r in table if c < len(r)) + gap
+                  for c in range(max((len(r) for r in table), default=0))]
+        if sum(widths) <= room or size <= 12:
+            return f, widths
+        size -= 1
 
 
 def upscale_factor(rows: int, cols: int) -> int:
     return max(1, math.ceil(MIN_LONG_SIDE / max(rows, cols)))
 
 
-def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[Overlay], panel: Panel) -> np.ndarray:
+def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[Overlay], panel: Panel,
+            label_boxes: list | None = None) -> np.ndarray:
     """Key image (upscaled if small) with heat maps, masks and outlines, then the panel underneath.
 
     Kept in PIL from the grey image to the last outline: every numpy round trip of a full-size RGB
@@ -401,7 +430,9 @@ def compose(grey_or_rgb: np.ndarray, regions: list[DrawnRegion], overlays: list[
         for m in masks:
             rgb = blend_mask(rgb, m)
         img = Image.fromarray(rgb)
-    draw_regions(img, regions, float(s), panel.language)
+    boxes = draw_regions(img, regions, float(s), panel.language)
+    if label_boxes is not None:
+        label_boxes.extend(boxes)
     bottom = render_panel(img.width, panel)
     out = np.empty((img.height + bottom.shape[0], img.width, 3), np.uint8)
     out[: img.height] = np.asarray(img)

@@ -14,7 +14,7 @@ from highdicom.sc import SCImage
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 
-from pipelines.base import ImageRef, PipelineResult
+from pipelines.base import ImageRef, Overlay, PipelineResult
 
 from . import codes as C
 from .common import (
@@ -28,7 +28,20 @@ from .common import (
     series_description,
 )
 from .narrative import finding_lines, probability_text, words
-from .render import CYAN, ORANGE, RED, WHITE, YELLOW, DrawnRegion, Panel, caption_strip, compose, display_values
+from .render import (
+    CYAN,
+    GREEN,
+    GREY,
+    ORANGE,
+    RED,
+    WHITE,
+    YELLOW,
+    DrawnRegion,
+    Panel,
+    caption_strip,
+    compose,
+    display_values,
+)
 from .sources import Source, find, with_pixels
 
 log = logging.getLogger(__name__)
@@ -53,34 +66,55 @@ def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
     return None
 
 
-MAX_PANEL_LINES = 16
+MAX_PANEL_LINES = 12
+VERDICT_COLOURS = {"pass": GREEN, "warn": ORANGE, "fail": RED}
 
 
-def _panel(result: PipelineResult, ctx: Context, caption: str = "") -> Panel:
+def _present_first(result: PipelineResult) -> list:
+    """Present findings, critical first, then by probability: the order a reader triages them in."""
+    present = [f for f in result.findings if f.present]
+    return sorted(present, key=lambda f: (not f.critical, -(f.probability or 0.0)))
+
+
+def _panel(result: PipelineResult, ctx: Context, caption: str = "", full: bool = True) -> Panel:
+    """The burned-in text. ``full``: the summary (headline, key numbers, table, findings as the legend of the
+    outlines' colours); otherwise only the caption of a pipeline picture, so no SC repeats the summary."""
     w = words(ctx.language)
     lines: list[tuple[str, tuple[int, int, int]]] = []
     if result.unverified:
         lines.append((UNVERIFIED_TEXT, ORANGE))
-    lines.append((f"{w['algorithm']}: {model_name(result)} {model_version(result)}", WHITE))
     if caption:
         lines.append((caption, WHITE))
-    for f in result.findings:
-        if f.present:
-            colour = RED if f.critical else YELLOW
+    table: list[list[str]] = []
+    if full:
+        summary = (result.details or {}).get("summary") or {}
+        summary = summary.get(ctx.language) or summary.get("en") or {}
+        for i, text in enumerate(summary.get("headline", [])):
+            lines.append((text, VERDICT_COLOURS.get(summary.get("verdict", ""), WHITE) if i == 0 else WHITE))
+        table = [list(map(str, row)) for row in summary.get("table", [])]
+        for f in _present_first(result):
             p = f" ({probability_text(f, ctx.language)})" if f.probability is not None else ""
             state = w["possible"] if f.certainty == "possible" else w["present"]
-            lines.append((f"{f.name(ctx.language)}: {state}{p}", colour))
-    others = [ln for ln in finding_lines(result, ctx.language)
-              if not any(ln.startswith(f"{f.name(ctx.language)}:") for f in result.findings if f.present)]
-    room = MAX_PANEL_LINES - len(lines)
-    if len(others) > room:  # the SR has everything; the picture says the most important and where the rest is
-        more = len(others) - (room - 1)
-        others = others[:room - 1] + [w["more"].format(n=more)]
-    lines.extend((ln, WHITE) for ln in others)
-    if not result.findings and not result.measurements and not result.evaluations:
-        lines.append((w["none"], WHITE))
-    return Panel(title=NOT_FOR_DIAGNOSIS, lines=lines, banner=_banner(result, ctx),
-                 language=ctx.language)
+            crit = f" — {w['critical']}" if f.critical else ""
+            lines.append((f"■ {f.name(ctx.language)}: {state}{p}{crit}", RED if f.critical else YELLOW))
+        if result.findings and not summary:
+            absent = sum(not f.present for f in result.findings)
+            if absent:
+                lines.append((w["others_absent"].format(n=absent), WHITE))
+        if not summary:  # numbers without a region (drawn ones are labelled on the image) and verdicts
+            study_level = [m for m in result.measurements if m.region is None]
+            probe = PipelineResult(result.pipeline, result.pipeline_version, measurements=study_level,
+                                   evaluations=result.evaluations)
+            others = finding_lines(probe, ctx.language)
+            room = MAX_PANEL_LINES - len(lines)
+            if len(others) > room:
+                others = others[:room - 1] + [w["more"].format(n=len(others) - room + 1)]
+            lines.extend((ln, WHITE) for ln in others)
+        if not result.findings and not result.measurements and not result.evaluations:
+            lines.append((w["none"], WHITE))
+        lines.append((f"{w['algorithm']}: {model_name(result)} {model_version(result)}", GREY))
+    return Panel(title=NOT_FOR_DIAGNOSIS, lines=lines, banner=_banner(result, ctx) if full else "",
+                 language=ctx.language, table=table)
 
 
 def _banner(result: PipelineResult, ctx: Context) -> str:
@@ -94,17 +128,19 @@ def _regions_on(result: PipelineResult, key: ImageRef, language: str = "en") -> 
         return _same_image(r, key)
 
     out = []
-    for f in result.findings:
-        if not f.present:
-            continue
+    for f in _present_first(result):
         for r in f.regions:
             if same(r.image):
                 # a region's own label is in the pipeline's words (English); the finding's name is in the panel's
                 label = f.names.get(language) or r.label or f.label
                 out.append(DrawnRegion(r, RED if f.critical else YELLOW, label))
-    for m in result.measurements:
+    seen: set[tuple] = set()
+    for m in result.measurements:  # one outline per ROI even when several groups measured it
         if m.region is not None and same(m.region.image):
-            out.append(DrawnRegion(m.region, CYAN, m.region.label or m.label))
+            k = (m.region.graphic_type, tuple(map(tuple, m.region.points)))
+            if k not in seen:
+                seen.add(k)
+                out.append(DrawnRegion(m.region, CYAN, m.region.label or m.label))
     return out
 
 
@@ -163,6 +199,15 @@ def _annotated_images(result: PipelineResult, key: ImageRef) -> list[ImageRef]:
     return out[:MAX_EXTRA_ANNOTATED]
 
 
+def _for_present_finding(ov: Overlay, result: PipelineResult) -> bool:
+    """A heat map captioned for a finding ("Effusion: model probability ...") is drawn only when that finding
+    is present: maps of absent or merely possible labels cover the chest and hide what matters."""
+    for f in result.findings:
+        if not f.present and ov.caption.lower().startswith(f"{f.label.lower()}:"):
+            return False
+    return True
+
+
 def _image_sc(result: PipelineResult, sources: list[Source], ref: ImageRef, ctx: Context, series_uid: str,
               number: int, is_key: bool) -> Dataset | None:
     src = find(sources, ref.sop_instance_uid)
@@ -170,7 +215,7 @@ def _image_sc(result: PipelineResult, sources: list[Source], ref: ImageRef, ctx:
     if src is None or full is None:
         return None
     grey = display_values(full, ref.frame)
-    overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask")
+    overlays = [o for o in result.overlays if o.kind in ("heatmap", "mask") and _for_present_finding(o, result)
                 and ((o.source is None and is_key) or (o.source is not None and _same_image(o.source, ref)))]
     pixels = compose(grey, _regions_on(result, ref, ctx.language), overlays, _panel(result, ctx))
     sc = _base_sc(pixels, src.header, result, ctx, series_uid, number)
@@ -201,7 +246,7 @@ def build_secondary_captures(result: PipelineResult, sources: list[Source], key:
     for ov in result.overlays:
         if ov.kind != "image":
             continue
-        pixels = caption_strip(ov.array, _panel(result, ctx, caption=ov.caption or ov.name))
+        pixels = caption_strip(ov.array, _panel(result, ctx, caption=ov.caption or ov.name, full=False))
         sc = _base_sc(pixels, header, result, ctx, series_uid, len(out) + 1)
         sc.DerivationDescription = f"Rendered by {model_name(result)} {model_version(result)}: {ov.caption or ov.name}"[
             :1024]

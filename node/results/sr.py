@@ -14,6 +14,7 @@ from collections import OrderedDict
 import numpy as np
 from highdicom.sr import (
     CodeContentItem,
+    CodedConcept,
     Comprehensive3DSR,
     ComprehensiveSR,
     ContainerContentItem,
@@ -26,6 +27,7 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
+    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TextContentItem,
@@ -50,6 +52,7 @@ from .common import (
     series_description,
 )
 from .sources import Source, clone_header, find
+from .srlayout import compact_image_library, make_separate
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,15 @@ def _planar_region(ms: list[ResultMeasurement]) -> Region | None:
     return None
 
 
+def _finding_has_region(f: Finding) -> bool:
+    """Drawn in the viewer: an outline (TID 1410), or points under its probability (TID 1501 + SCOORD)."""
+    return bool(_planar_regions(f)) or (bool(f.regions) and f.probability is not None)
+
+
+def _group_has_region(ms: list[ResultMeasurement]) -> bool:
+    return any(m.region is not None for m in ms)
+
+
 def planar_group_count(result: PipelineResult) -> int:
     """How many TID 1410 groups ``_groups(..., planar_ok=True)`` makes, without building any of them."""
     return (sum(len(_planar_regions(f)) for f in result.findings)
@@ -127,11 +139,9 @@ def planar_group_count(result: PipelineResult) -> int:
 
 
 def group_count(result: PipelineResult) -> int:
-    """How many groups ``_groups(..., planar_ok=True)`` makes: a finding one per outline (at least one),
-    a measurement group one, evaluations whose group has no measurements one per group name."""
-    by_group = _by_group(result)
-    eval_only = {e.group for e in result.evaluations} - set(by_group)
-    return sum(max(1, len(_planar_regions(f))) for f in result.findings) + len(by_group) + len(eval_only)
+    """How many measurement groups ``_groups(..., planar_ok=True)`` makes: only what has an image region."""
+    return (sum(max(1, len(_planar_regions(f))) for f in result.findings if _finding_has_region(f))
+            + sum(_group_has_region(ms) for ms in _by_group(result).values()))
 
 
 def _finding_groups(f: Finding, result: PipelineResult, planar_ok: bool = True) -> list:
@@ -165,19 +175,21 @@ def _measurement(m: ResultMeasurement, result: PipelineResult, with_coords: bool
         finding_sites=[FindingSite(C.concept(m.site))] if m.site else None, referenced_coordinates=coords)
 
 
-def _series_images(series_uid: str, sources: list[Source]) -> list[SourceImageForMeasurementGroup]:
-    return [SourceImageForMeasurementGroup(str(s.header.SOPClassUID), s.sop_uid)
-            for s in sources if s.is_image and str(s.header.SeriesInstanceUID) == series_uid]
-
-
-def _measurement_groups(result: PipelineResult, sources: list[Source], planar_ok: bool = True) -> list:
-    by_group = _by_group(result)
+def _evaluations_by_group(result: PipelineResult) -> OrderedDict[str, list[Evaluation]]:
     evals: OrderedDict[str, list[Evaluation]] = OrderedDict()
     for e in result.evaluations:
         evals.setdefault(e.group, []).append(e)
+    return evals
+
+
+def _measurement_groups(result: PipelineResult, planar_ok: bool = True) -> list:
+    """Groups for the measurements that have an image region; the others are study-level (Derived)."""
+    evals = _evaluations_by_group(result)
     groups = []
-    for name, ms in by_group.items():
-        q = [QualitativeEvaluation(C.concept(e.name), C.concept(e.value)) for e in evals.pop(name, [])]
+    for name, ms in _by_group(result).items():
+        if not _group_has_region(ms):
+            continue
+        q = [QualitativeEvaluation(C.concept(e.name), C.concept(e.value)) for e in evals.get(name, [])]
         sites = [FindingSite(C.concept(ms[0].site))] if ms[0].site and all(m.site == ms[0].site for m in ms) else None
         common = dict(tracking_identifier=_tracking(name), algorithm_id=algorithm(result),
                       qualitative_evaluations=q or None)
@@ -187,23 +199,105 @@ def _measurement_groups(result: PipelineResult, sources: list[Source], planar_ok
                 referenced_region=image_region(only), finding_sites=sites,
                 measurements=[_measurement(m, result, with_coords=False) for m in ms], **common))
         else:
-            series = {m.series_uid for m in ms if m.series_uid and m.region is None}
-            src = [img for uid in sorted(series) for img in _series_images(uid, sources)] or None
             groups.append(MeasurementsAndQualitativeEvaluations(
-                source_images=src, finding_sites=sites,
-                measurements=[_measurement(m, result, with_coords=True) for m in ms], **common))
-    for name, es in evals.items():  # evaluations without measurements get their own group
-        groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(name or es[0].name.meaning), algorithm_id=algorithm(result),
-            qualitative_evaluations=[QualitativeEvaluation(C.concept(e.name), C.concept(e.value)) for e in es]))
+                finding_sites=sites, measurements=[_measurement(m, result, with_coords=True) for m in ms], **common))
     return groups
 
 
-def _no_findings_group(result: PipelineResult) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1500 needs one group; a negative result states itself rather than looking like a failure."""
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking("No findings"), algorithm_id=algorithm(result),
-        qualitative_evaluations=[QualitativeEvaluation(C.FINDING, C.NO_ABNORMALITY)])
+def _groups(result: PipelineResult, sources: list[Source], planar_ok: bool) -> list:
+    """TID 1500 Imaging Measurements: only groups with an image region (what viewers draw)."""
+    groups = []
+    for f in result.findings:
+        if _finding_has_region(f):
+            groups.extend(_finding_groups(f, result, planar_ok))
+    groups.extend(_measurement_groups(result, planar_ok))
+    return groups
+
+
+# --------------------------------------------------------------------------- study-level content
+def _text(name: CodedConcept, value: str, rel: RelationshipTypeValues = RelationshipTypeValues.CONTAINS
+          ) -> TextContentItem:
+    return TextContentItem(name, value[:1024], relationship_type=rel)
+
+
+def _series_image(series_uid: str | None, sources: list[Source]) -> list[SourceImageForMeasurement]:
+    """One image of the series a study-level number describes (the middle one), so a reader knows which."""
+    imgs = [s for s in sources if s.is_image and series_uid and str(s.header.SeriesInstanceUID) == series_uid]
+    if not imgs:
+        return []
+    s = imgs[len(imgs) // 2]
+    return [SourceImageForMeasurement(str(s.header.SOPClassUID), s.sop_uid)]
+
+
+def _derived_num(name: CodedConcept, value: float, unit: CodedConcept, meaning: str,
+                 images: list[SourceImageForMeasurement], derivation: CodedConcept | None = None,
+                 site: CodedConcept | None = None) -> Measurement:
+    """TID 300 NUM with its human wording as Equivalent Meaning of Concept Name (what a reader sees)."""
+    num = Measurement(name, value, unit, derivation=derivation,
+                      finding_sites=[FindingSite(site)] if site else None, referenced_images=images or None)
+    item = num[0]
+    equivalent = _text(C.EQUIVALENT_MEANING, meaning, RelationshipTypeValues.HAS_CONCEPT_MOD)
+    item.ContentSequence = ContentSequence([equivalent, *item.get("ContentSequence", [])])
+    return num
+
+
+def _derived_items(result: PipelineResult, sources: list[Source], key: ImageRef | None) -> list[Dataset]:
+    """Study-level numbers (TID 1500 Derived Imaging Measurements, TID 300): no image region to draw."""
+    out: list[Dataset] = []
+    for name, ms in _by_group(result).items():
+        if _group_has_region(ms):
+            continue
+        for m in ms:
+            meaning = f"{name}: {m.label}" if m.label and m.label != name else (name or m.code.meaning)
+            out.extend(_derived_num(C.concept(m.code), float(m.value), C.concept(m.unit), meaning,
+                                    _series_image(m.series_uid, sources),
+                                    derivation=C.concept(m.derivation) if m.derivation else None,
+                                    site=C.concept(m.site) if m.site else None))
+    for f in result.findings:
+        if _finding_has_region(f) or f.probability is None:
+            continue
+        refs = f.key_images or ([key] if key else [])
+        images = [SourceImageForMeasurement(r.sop_class_uid, r.sop_instance_uid,
+                                            referenced_frame_numbers=[r.frame] if r.frame else None) for r in refs[:1]]
+        out.extend(_derived_num(C.PROBABILITY, float(f.probability), C.concept(UCUM_RATIO),
+                                f"Probability of {f.code.meaning} ({f.label})", images))
+    return out
+
+
+def _qualitative_items(result: PipelineResult, negative: bool) -> list:
+    """TID 1500 Qualitative Evaluations: the document's own caveats, then findings and verdicts without a
+    region (coded, each followed by a sentence naming what it is about)."""
+    C_ = RelationshipTypeValues.CONTAINS
+    items: list = []
+    if result.unverified:
+        items.append(_text(C.COMMENT, UNVERIFIED_TEXT))
+    items.append(_text(C.COMMENT, DRAFT_TEXT))
+    if result.critical:
+        items.append(CodeContentItem(C.CRITICAL_RESULT, C.YES, relationship_type=C_))
+    if negative:
+        items.append(CodeContentItem(C.FINDING, C.NO_ABNORMALITY, relationship_type=C_))
+    for f in result.findings:
+        if _finding_has_region(f):
+            continue
+        items.append(CodeContentItem(C.concept(f.code), C.PRESENT if f.present else C.ABSENT, relationship_type=C_))
+        if f.critical and f.present:
+            items.append(_text(C.COMMENT, f"{f.label}: critical result"))
+    measured = {name for name, ms in _by_group(result).items() if _group_has_region(ms)}
+    for name, es in _evaluations_by_group(result).items():
+        if name in measured:
+            continue  # already inside its measurement group
+        for e in es:
+            items.append(CodeContentItem(C.concept(e.name), C.concept(e.value), relationship_type=C_))
+            about = f"{name}: " if name else ""
+            items.append(_text(C.COMMENT, f"{about}{e.name.meaning} {e.value.meaning}" + (f" ({e.note})" if e.note
+                                                                                          else "")))
+    return items
+
+
+def _container(name: CodedConcept, children: list) -> ContainerContentItem:
+    box = ContainerContentItem(name, relationship_type=RelationshipTypeValues.CONTAINS, is_content_continuous=False)
+    box.ContentSequence = ContentSequence(children)
+    return box
 
 
 def _referenced_images(result: PipelineResult, sources: list[Source], key: ImageRef | None) -> list[Dataset]:
@@ -235,58 +329,38 @@ def _library_header(ds: Dataset) -> Dataset:
         return generic
 
 
-def _tag_template(group) -> None:
-    tid = "1410" if isinstance(group, PlanarROIMeasurementsAndQualitativeEvaluations) else "1501"
-    item = Dataset()
-    item.MappingResource = "DCMR"
-    item.TemplateIdentifier = tid
-    group[0].ContentTemplateSequence = [item]
-
-
-def _notes(result: PipelineResult) -> ContainerContentItem:
-    """TID 1500 row 12 container: where free text about the whole report may live."""
-    box = ContainerContentItem(C.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
-    items = []
-    if result.unverified:
-        items.append(TextContentItem(C.COMMENT, UNVERIFIED_TEXT, relationship_type=RelationshipTypeValues.CONTAINS))
-    items.append(TextContentItem(C.COMMENT, DRAFT_TEXT, relationship_type=RelationshipTypeValues.CONTAINS))
-    if result.critical:
-        items.append(CodeContentItem(C.CRITICAL_RESULT, C.YES, relationship_type=RelationshipTypeValues.CONTAINS))
-    box.ContentSequence = ContentSequence(items)
-    return box
-
-
-def _groups(result: PipelineResult, sources: list[Source], planar_ok: bool) -> list:
-    groups = []
-    for f in result.findings:
-        groups.extend(_finding_groups(f, result, planar_ok))
-    groups.extend(_measurement_groups(result, sources, planar_ok))
-    return groups
-
-
 def build_measurement_report(result: PipelineResult, sources: list[Source], key: ImageRef | None,
                              ctx: Context) -> Dataset:
+    """TID 1500 in the layout viewers expect; see node/results/README.md ("Measurement report layout")."""
     negative = not any(f.present for f in result.findings) and not result.measurements and not result.evaluations
-    groups = [_no_findings_group(result)] if negative else []
     # PixelMed (2022) applies TID 1410 to every sibling group when exactly one has an Image Region
     # and reports the others as errors; the same region as INFERRED FROM SCOORD on the group's NUMs
     # (TID 1501 + TID 300) carries the same information and validates. Decided before building:
     # highdicom groups are slow to make, and building them twice cost a fifth of a chest X-ray's budget.
-    planar_ok = planar_group_count(result) != 1 or len(groups) + group_count(result) == 1
-    groups += _groups(result, sources, planar_ok=planar_ok)
+    planar_ok = planar_group_count(result) != 1 or group_count(result) == 1
+    groups = _groups(result, sources, planar_ok=planar_ok)
     modality = str(sources[0].header.get("Modality", ""))
     procedure = C.concept(result.procedure) if result.procedure else C.PROCEDURE_CID100.get(
         modality, C.PROCEDURE_IMAGING)
     for g in groups:  # say which template each group follows, for readers that dispatch on it
         _tag_template(g)
+    placeholder = not groups  # highdicom insists on one group; the container is dropped again below
     report = MeasurementReport(
         observation_context=observation_context(result, ctx), procedure_reported=procedure,
-        imaging_measurements=groups, title=C.IMAGING_MEASUREMENT_REPORT,
+        imaging_measurements=groups or [_placeholder_group(result)], title=C.IMAGING_MEASUREMENT_REPORT,
         referenced_images=_referenced_images(result, sources, key) or None)
-    report[0].ContentSequence.append(_notes(result))
+    root = report[0]
+    if placeholder:
+        root.ContentSequence = [c for c in root.ContentSequence
+                                if c.ConceptNameCodeSequence[0].CodeValue != C.IMAGING_MEASUREMENTS.value]
+    derived = _derived_items(result, sources, key)
+    if derived:
+        root.ContentSequence.append(_container(C.DERIVED_IMAGING_MEASUREMENTS, derived))
+    root.ContentSequence.append(_container(C.QUALITATIVE_EVALUATIONS, _qualitative_items(result, negative)))
+    compact_image_library(root)
+    make_separate(root)
     cls = Comprehensive3DSR if ctx.sr_class == "comprehensive3d" else ComprehensiveSR
     evidence = [s.header for s in sources if s.is_image] or [sources[0].header]
-    root = report[0]
     sr = cls(
         evidence=evidence, content=_bare(root), series_instance_uid=new_uid(),
         series_number=ctx.series_number(0), sop_instance_uid=new_uid(), instance_number=1,
@@ -297,6 +371,19 @@ def build_measurement_report(result: PipelineResult, sources: list[Source], key:
     attach_content(sr, root, evidence)
     C.declare_private_scheme(sr)
     return sr
+
+
+def _placeholder_group(result: PipelineResult) -> MeasurementsAndQualitativeEvaluations:
+    return MeasurementsAndQualitativeEvaluations(tracking_identifier=_tracking("placeholder"),
+                                                 algorithm_id=algorithm(result))
+
+
+def _tag_template(group) -> None:
+    tid = "1410" if isinstance(group, PlanarROIMeasurementsAndQualitativeEvaluations) else "1501"
+    item = Dataset()
+    item.MappingResource = "DCMR"
+    item.TemplateIdentifier = tid
+    group[0].ContentTemplateSequence = [item]
 
 
 def _bare(root: Dataset) -> Dataset:

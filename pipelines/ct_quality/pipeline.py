@@ -504,9 +504,9 @@ class CTQualityPipeline(Pipeline):
         if totals:
             en_imp += f" Total DLP {totals[0]:.0f} mGy·cm (dose report)."
             zh_imp += f" 总 DLP {totals[0]:.0f} mGy·cm（剂量报告）。"
-        if bmi is not None:
-            en_imp += f" BMI {bmi:.1f} kg/m²."
-            zh_imp += f" BMI {bmi:.1f} kg/m²。"
+        if bmi is not None:  # a patient fact for the findings, not an impression about image quality
+            en_lines.append(f"Patient: BMI {bmi:.1f} kg/m² (from PatientWeight / PatientSize).")
+            zh_lines.append(f"患者：BMI {bmi:.1f} kg/m²（由体重 / 身高计算）。")
         if skipped:
             names = {u: _series_label(study, u) for u in skipped}
             en_lines.append("Not measured: " + "; ".join(f"{names[u]} ({why})" for u, why in skipped.items()))
@@ -528,6 +528,7 @@ class CTQualityPipeline(Pipeline):
             if a.gnl.correction_capped:
                 res.warnings.append(f"{a.name}: GNL texture correction capped at {a.gnl.correction:.2f}")
         res.details = {
+            "summary": render.summary(analyses, comparisons),
             "skipped": skipped,
             "series": [_details(a) for a in analyses],
             "comparisons": comparisons,
@@ -690,14 +691,16 @@ def _measurements(res: PipelineResult, a: SeriesAnalysis, study: StudyInput) -> 
     if a.gnl.value is not None:
         add(Measurement(C_GNL, round(a.gnl.value, 2), UCUM_HU, group=grp, label="Global noise level (soft tissue, "
             f"{a.gnl.kernel_px} px kernel, texture correction x{a.gnl.correction:.3f})", series_uid=uid))
-    key_stats = {st.roi.tissue: st for st in a.stats if st.frame == a.key_frame}
     for t, ts in a.tissues.items():
-        st = key_stats.get(t) or next(s for s in a.stats if s.roi.tissue == t)
-        reg = _region(st, a)
+        # pooled over every ROI of the tissue: no one region (the ROIs have their own groups below), so a
+        # viewer does not draw a second, overlapping label on one of them
+        reg = None
         lbl = f"{ts.label} ({ts.n_rois} ROIs pooled)"
         g = f"{grp} {ts.label}"
         add(Measurement(C_MEAN, round(ts.mean, 2), UCUM_HU, group=g, label=lbl, region=reg, series_uid=uid))
         add(Measurement(C_SD, round(ts.sd, 2), UCUM_HU, group=g, label=lbl, region=reg, series_uid=uid))
+        if t == "air":  # SNR and CNR of air outside the body mean nothing to a reader (issue 13)
+            continue
         add(Measurement(C_SNR, round(ts.snr, 3), UCUM_RATIO, group=g, label=lbl, region=reg, series_uid=uid))
         if ts.cnr is not None:
             add(Measurement(C_CNR, round(ts.cnr, 3), UCUM_RATIO, group=g, label=f"{lbl} vs subcutaneous fat",
@@ -736,6 +739,10 @@ def _narrative_lines(a: SeriesAnalysis) -> tuple[str, str]:
     for t in ("muscle", "soft_tissue", "fat", "air"):
         ts = a.tissues.get(t)
         if ts is None:
+            continue
+        if t == "air":
+            en.append(f"{ts.label}: mean {ts.mean:.0f} HU, SD {ts.sd:.1f} HU.")
+            zh.append(f"体外空气：均值 {ts.mean:.0f} HU，标准差 {ts.sd:.1f} HU。")
             continue
         cnr = f", CNR {ts.cnr:.2f}" if ts.cnr is not None else ""
         en.append(f"{ts.label}: mean {ts.mean:.0f} HU, SD {ts.sd:.1f} HU, SNR {ts.snr:.2f}{cnr}.")
@@ -824,7 +831,7 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
         assert px is not None
         img = px[a.key_frame]
         ref = a.series.frames[a.key_frame]
-        circles = [(st.roi.tissue, f"{st.roi.tissue.replace('_', ' ')} {st.sd:.1f}", st.col, st.row,
+        circles = [(st.roi.tissue, f"{st.roi.tissue.replace('_', ' ')} SD {st.sd:.0f}", st.col, st.row,
                     st.roi.radius_mm / a.geom.col_spacing, st.roi.radius_mm / a.geom.row_spacing)
                    for st in a.stats if st.frame == a.key_frame]
         title = f"{a.name}  GNL {a.gnl.value:.1f} HU" if a.gnl.value is not None else a.name
@@ -857,14 +864,15 @@ def _overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, Any]],
         header = ["Series", "GNL"]
         tissues = [t for t in ("muscle", "soft_tissue", "fat", "air") if all(t in r["tissues"] for r in comp["rows"])]
         for t in tissues:
-            header += [f"{t} SD", f"{t} SNR"] + ([f"{t} CNR", f"{t} gain"] if t != "fat" else [])
+            header += [f"{t} SD"] + ([f"{t} SNR"] if t != "air" else []) + (
+                [f"{t} CNR", f"{t} gain"] if t not in ("fat", "air") else [])
         rows = []
         for r in comp["rows"]:
             cells = [r["name"], f"{r['gnl']:.1f}" if r["gnl"] is not None else "-"]
             for t in tissues:
                 ts = r["tissues"][t]
-                cells += [f"{ts['sd']:.1f}", f"{ts['snr']:.2f}"]
-                if t != "fat":
+                cells += [f"{ts['sd']:.1f}"] + ([f"{ts['snr']:.2f}"] if t != "air" else [])
+                if t not in ("fat", "air"):
                     g = r["cnr_gain"].get(t)
                     cells += [f"{ts['cnr']:.2f}", f"{100 * g:+.0f} %" if g is not None else "-"]
             rows.append(cells)

@@ -36,15 +36,45 @@ def key_slice(img: np.ndarray, rois: list[tuple[str, str, float, float, float, f
     im = Image.fromarray(window_rgb(img))
     d = ImageDraw.Draw(im)
     f = font(13)
+    placed: list[Box] = [(0, 0, im.width, 21)]  # the title bar, then every circle: labels cover neither
+    for tissue, _label, c, r, rc, rr in rois:
+        d.ellipse([c - rc, r - rr, c + rc, r + rr], outline=COLOURS.get(tissue, (0, 255, 0)), width=2)
+        placed.append((c - rc - 1, r - rr - 1, c + rc + 1, r + rr + 1))
     for tissue, label, c, r, rc, rr in rois:
         col = COLOURS.get(tissue, (0, 255, 0))
-        d.ellipse([c - rc, r - rr, c + rc, r + rr], outline=col, width=2)
         box = d.textbbox((0, 0), label, font=f)
-        x = c + rc + 3 if c >= im.width / 2 else c - rc - 3 - (box[2] - box[0])  # labels away from the midline
-        d.text((x, r - 7), label, fill=col, font=f)
+        spot = free_spot((c - rc, r - rr, c + rc, r + rr), (box[2] - box[0] + 2, box[3] - box[1] + 4), im.size,
+                         placed, away_from=im.width / 2)
+        if spot is None:
+            continue  # no room inside the picture without covering another label: the table has the numbers
+        placed.append(spot)
+        d.text((spot[0] + 1, spot[1] - box[1] + 2), label, fill=col, font=f)
     d.rectangle([0, 0, im.width, 20], fill=(0, 0, 0))
     d.text((4, 2), title, fill=(255, 255, 255), font=font(13, True))
     return np.asarray(im, dtype=np.uint8)
+
+
+Box = tuple[float, float, float, float]
+
+
+def free_spot(outline: Box, size: tuple[float, float], image: tuple[int, int], placed: list[Box],
+              away_from: float) -> Box | None:
+    """A label box beside ``outline`` (outward from ``away_from`` first), inside the image and clear of
+    ``placed``; None when there is no such place. Labels never run off the edge or over each other."""
+    x0, y0, x1, y1 = outline
+    w, h = size
+    cy = (y0 + y1) / 2 - h / 2
+    right, left = (x1 + 3, cy), (x0 - 3 - w, cy)
+    sides = [right, left] if (x0 + x1) / 2 >= away_from else [left, right]
+    cands = sides + [((x0 + x1 - w) / 2, y0 - h - 2), ((x0 + x1 - w) / 2, y1 + 2)]
+    cands += [(x, y + k * h) for k in (-1, 1, -2, 2) for x, y in sides]
+    for x, y in cands:
+        box = (x, y, x + w, y + h)
+        if box[0] < 0 or box[1] < 0 or box[2] > image[0] or box[3] > image[1]:
+            continue
+        if not any(box[0] < p[2] and p[0] < box[2] and box[1] < p[3] and p[1] < box[3] for p in placed):
+            return box
+    return None
 
 
 def _colormap(v: np.ndarray) -> np.ndarray:
@@ -161,3 +191,52 @@ def table(header: list[str], rows: list[list[str]], title: str) -> np.ndarray:
         d.line([10, y, 10 + sum(widths), y], fill=(200, 200, 200))
     d.rectangle([10, 34, 10 + sum(widths), y + rh], outline=(0, 0, 0))
     return np.asarray(im, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- summary for the SC headline
+VERDICT_ZH = {"pass": "通过", "warn": "警告", "fail": "不合格"}
+
+
+def summary(analyses: list, comparisons: list[dict]) -> dict[str, dict]:
+    """What a reader needs in five seconds, per language: the verdict, then one row per reconstruction
+    with the numbers that matter (noise, dose, size-specific dose, muscle CNR and its gain).
+
+    ``analyses`` are the pipeline's SeriesAnalysis objects; the results writer draws this as the headline
+    and table of the summary Secondary Capture (node/results/sc.py).
+    """
+    worst = max((a.verdict for a in analyses), key=["pass", "warn", "fail"].index, default="pass")
+    gains: dict[str, tuple[float | None, str]] = {}
+    for comp in comparisons:
+        for row in comp["rows"]:
+            t = "muscle" if "muscle" in row["cnr_gain"] else "soft_tissue"
+            gains[row["series_uid"]] = (row["cnr_gain"].get(t), comp["baseline_uid"])
+
+    def cells(a, lang: str) -> list[str]:
+        c, g = a.ctdivol_mean, a.gnl.value
+        t = a.tissues.get("muscle") or a.tissues.get("soft_tissue")
+        gain, base = gains.get(a.series.series_uid, (None, ""))
+        verdict = a.verdict.upper() if lang == "en" else f"{VERDICT_ZH[a.verdict]} {a.verdict.upper()}"
+        target = f" (≤ {a.noise_target:g})" if a.noise_target else ""
+        return [a.name, verdict,
+                f"{g:.1f} HU{target}" if g is not None else "–",
+                f"{c:.1f} mGy" if c is not None else "–",
+                f"{100 * c / a.drl:.0f} %" if c is not None and a.drl else "–",
+                f"{a.ssde:.1f} mGy" if a.ssde is not None else "–",
+                f"{t.cnr:.1f}" if t is not None and t.cnr is not None else "–",
+                (f"{100 * gain:+.0f} %" if gain is not None and a.series.series_uid != base else "baseline")
+                if a.series.series_uid in gains else "–"]
+
+    header = {"en": ["Series", "Verdict", "Noise (GNL)", "CTDIvol", "of DRL", "SSDE", "Muscle CNR", "CNR vs baseline"],
+              "zh": ["序列", "结论", "噪声 (GNL)", "CTDIvol", "占 DRL", "SSDE", "肌肉 CNR", "CNR 相对基准"]}
+    reasons = {a.name: "; ".join(ch.en for ch in a.checks if ch.level != "pass") for a in analyses}
+    out = {}
+    for lang in ("en", "zh"):
+        if lang == "en":
+            head = [f"Image quality: {worst.upper()}"]
+            head += [f"{name}: {why}" for name, why in reasons.items() if why]
+        else:
+            head = [f"图像质量：{VERDICT_ZH[worst]} ({worst.upper()})"]
+            head += [f"{a.name}：" + "；".join(ch.zh for ch in a.checks if ch.level != "pass")
+                     for a in analyses if reasons[a.name]]
+        out[lang] = {"verdict": worst, "headline": head, "table": [header[lang]] + [cells(a, lang) for a in analyses]}
+    return out
