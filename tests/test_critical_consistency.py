@@ -318,7 +318,7 @@ def outputs(node, s: dict, pacs: StoreSCP, hook: _Hook, ris: MLLPListener, label
     for lang in ("en", "zh"):
         panel = _panel(result, _ctx(lang))
         red = [text for text, colour in panel.lines if colour == RED]
-        out[f"SC panel {lang}"] = roles.of(ln.split(":")[0] for ln in red)
+        out[f"SC panel {lang}"] = roles.of(ln.split(":")[0].lstrip("■").strip() for ln in red)  # "■ name: ..."
         assert bool(panel.banner) == bool(red), f"SC banner {panel.banner!r} vs red lines {red}"
     scs = by_class[SECONDARY_CAPTURE]
     banner_drawn = max(red_rows(o) for o in scs) >= 10
