@@ -187,14 +187,24 @@ def _code(item: pydicom.Dataset, seq: str) -> str:
 
 
 def sr_critical_codes(sr: pydicom.Dataset) -> set[str]:
-    """Finding codes of measurement groups that carry "Critical result" = Yes."""
+    """Finding codes the TID 1500 flags critical: in a measurement group (125007) that carries "Critical result"
+    = Yes, its present findings; in Qualitative Evaluations (UMLS C0034375), a present region-less finding followed by
+    its "<label>: critical result" comment (the report-level Critical result there is the document's flag)."""
     out = set()
     for group in walk(sr.ContentSequence, []):
         kids = list(group.get("ContentSequence", []))
-        if any(_code(k, "ConceptNameCodeSequence") == "CRITICAL" and _code(k, "ConceptCodeSequence") == "373066001"
-               for k in kids) and group.get("ValueType") == "CONTAINER":
+        if group.get("ValueType") != "CONTAINER":
+            continue
+        name = _code(group, "ConceptNameCodeSequence")
+        if name == "125007" and any(_code(k, "ConceptNameCodeSequence") == "CRITICAL"
+                                    and _code(k, "ConceptCodeSequence") == "373066001" for k in kids):
             out |= {_code(k, "ConceptNameCodeSequence") for k in kids if k.get("ValueType") == "CODE"
                     and _code(k, "ConceptCodeSequence") == "52101004"}
+        elif name == "C0034375":
+            for prev, k in zip(kids, kids[1:]):
+                if (k.get("ValueType") == "TEXT" and str(k.get("TextValue", "")).endswith(": critical result")
+                        and prev.get("ValueType") == "CODE" and _code(prev, "ConceptCodeSequence") == "52101004"):
+                    out.add(_code(prev, "ConceptNameCodeSequence"))
     return out
 
 

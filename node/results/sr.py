@@ -261,6 +261,9 @@ def _derived_items(result: PipelineResult, sources: list[Source], key: ImageRef 
                                             referenced_frame_numbers=[r.frame] if r.frame else None) for r in refs[:1]]
         out.extend(_derived_num(C.PROBABILITY, float(f.probability), C.concept(UCUM_RATIO),
                                 f"Probability of {f.code.meaning} ({f.label})", images))
+        if f.threshold is not None:  # what the probability was compared with, next to it
+            out.extend(_derived_num(C.THRESHOLD, float(f.threshold), C.concept(UCUM_RATIO),
+                                    f"Operating threshold for present, {f.code.meaning} ({f.label})", images))
     return out
 
 
