@@ -29,7 +29,8 @@ def test_console_in_a_browser(node_factory, browser: Browser, tmp_path: Path) ->
     moved = StoreSCP(tmp_path / "archive-moved", aet="ARCHIVE").start()  # where the destination moves to
     try:
         web = free_port()
-        cfg = base_config(tmp_path / "var", free_port(), web_port=web)
+        cfg = base_config(tmp_path / "var", free_port(), web_port=web,
+                          outbox_audit_hours=1)  # delivered results stay re-sendable for an hour
         cfg["destinations"] = [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}]
         cfg["delivery"] = {"retry_base_seconds": 1, "retry_max_delay_seconds": 2, "poll_seconds": 0.5}
         cfg["routes"] = [{"name": "chest", "match": {"Modality": ["CR"]}, "pipelines": ["finder"],

@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -84,6 +85,9 @@ class Operations:
         files = json.loads(job["summary"] or "{}").get("outbox_files") or []
         if not files:
             raise ActionError("this job produced no result objects to send")
+        if not any(Path(f).is_file() for f in files):  # the storage lifecycle deleted them once delivered
+            raise ActionError("the result files were deleted once every destination had confirmed them; keep them"
+                              " longer with node.outbox_audit_hours, or re-run the study to make new ones")
         n_new = delivery.enqueue(job["study_uid"], job_id, files, [destination], "stat")
         n_again = st.execute("UPDATE deliveries SET state='pending', attempts=0, next_attempt=?, last_error=NULL"
                              " WHERE job_id=? AND destination=? AND state<>'pending'",
