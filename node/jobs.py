@@ -125,18 +125,7 @@ class JobManager:
             return []
         if "sr_refs" in (kept := json.loads(row["summary"])):  # the outbox files are gone (node/lifecycle)
             return list(kept["sr_refs"])
-        import pydicom
-
-        refs = []
-        for f in json.loads(row["summary"]).get("outbox_files", []):
-            try:
-                h = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception:
-                continue
-            if str(h.SOPClassUID).startswith(SR_CLASS_PREFIX) and str(h.SOPClassUID) != KOS_CLASS:
-                refs.append({"study_uid": str(h.StudyInstanceUID), "series_uid": str(h.SeriesInstanceUID),
-                             "sop_instance_uid": str(h.SOPInstanceUID), "sop_class_uid": str(h.SOPClassUID)})
-        return refs
+        return sr_references(json.loads(row["summary"]).get("outbox_files", []))
 
     def spec_for(self, job: Any) -> tuple[JobSpec, str]:
         from pipelines.registry import pipeline_class
@@ -334,3 +323,19 @@ class JobManager:
         else:
             new = "done"
         self._set_study_state(study_uid, new)
+
+
+def sr_references(files: list[str]) -> list[dict[str, str]]:
+    """The SR objects among a job's results, as a later job needs them to say which report it replaces."""
+    import pydicom
+
+    refs = []
+    for f in files:
+        try:
+            h = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:
+            continue
+        if str(h.SOPClassUID).startswith(SR_CLASS_PREFIX) and str(h.SOPClassUID) != KOS_CLASS:
+            refs.append({"study_uid": str(h.StudyInstanceUID), "series_uid": str(h.SeriesInstanceUID),
+                         "sop_instance_uid": str(h.SOPInstanceUID), "sop_class_uid": str(h.SOPClassUID)})
+    return refs

@@ -186,24 +186,6 @@ def _outcome(_reason: str | None, jobs: list[dict[str, Any]], state: str) -> str
     return "done" if state == "purging" else state
 
 
-def sr_references(files: list[str]) -> list[dict[str, str]]:
-    """The SR objects among a job's results, as a later job needs them to say which report it replaces."""
-    import pydicom
-
-    from node.jobs import KOS_CLASS, SR_CLASS_PREFIX
-
-    refs = []
-    for f in files:
-        try:
-            h = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception:
-            continue
-        if str(h.SOPClassUID).startswith(SR_CLASS_PREFIX) and str(h.SOPClassUID) != KOS_CLASS:
-            refs.append({"study_uid": str(h.StudyInstanceUID), "series_uid": str(h.SeriesInstanceUID),
-                         "sop_instance_uid": str(h.SOPInstanceUID), "sop_class_uid": str(h.SOPClassUID)})
-    return refs
-
-
 def clean_outbox(state: State, storage: Path, commit_dests: set[str], audit_hours: float,
                  now: float | None = None) -> list[str]:
     """Delete ``outbox/<job_id>/`` as soon as every destination confirmed every object of the job (stored, and
@@ -227,6 +209,8 @@ def clean_outbox(state: State, storage: Path, commit_dests: set[str], audit_hour
             if job is not None and job["summary"]:
                 summary = json.loads(job["summary"])
                 if "sr_refs" not in summary:
+                    from node.jobs import sr_references
+
                     summary["sr_refs"] = sr_references(summary.get("outbox_files") or [])
                     state.execute("UPDATE jobs SET summary=? WHERE job_id=?", (json.dumps(summary), r["job_id"]))
             _remove_tree(d, outbox)
