@@ -323,6 +323,10 @@ def test_tid1500_findings_probabilities_regions_algorithm(scenarios: dict[str, S
     assert evaluations[("CRITICAL", PRIVATE_SCHEME)] == ("373066001", "SCT")
     probs = [float(i.MeasuredValueSequence[0].NumericValue) for i in find_items(sr, ("122157", "DCM"), "NUM")]
     assert sorted(probs) == [0.08, 0.71, 0.93]
+    for g in groups:  # OHIF labels an outline by its NUMs' meanings only: they name the finding
+        finding = next(i for i in g.ContentSequence if concept(i) == ("121071", "DCM")).ConceptCodeSequence[0]
+        meanings = [str(i.ConceptNameCodeSequence[0].CodeMeaning) for i in find_items(g, ("122157", "DCM"), "NUM")]
+        assert meanings == [f"Probability of {finding.CodeMeaning}"]
     absent = [code_value(i) for i in items(section(sr, QUALITATIVE)) if concept(i) == ("8186001", "SCT")]
     assert absent == [("272519000", "SCT")]
     cardio = find_items(section(sr, DERIVED), ("122157", "DCM"), "NUM")
@@ -397,12 +401,24 @@ def test_tid1500_measurements_units_and_rois(scenarios: dict[str, Scenario], ct_
     assert "Dose: Image quality Acceptable" in texts(section(sr, QUALITATIVE))
 
 
-def test_no_findings_still_makes_a_report(scenarios: dict[str, Scenario]) -> None:
+def test_no_findings_still_makes_a_report_that_opens_on_its_image(scenarios: dict[str, Scenario],
+                                                                  ct_files: list[Path]) -> None:
+    """Nothing found, nothing measured: one TID 1410 group outlines the whole key image, so OHIF opens the
+    report on the image analysed instead of a black viewport; the finding is said in both places."""
     sr = scenarios["empty_ct"].tid1500
-    assert not find_items(sr, ("125007", "DCM"), "CONTAINER")
-    assert section(sr, IMAGING_MEASUREMENTS) is None
-    said = [code_value(i) for i in items(section(sr, QUALITATIVE)) if concept(i) == ("121071", "DCM")]
-    assert said == [("281900007", "SCT")]
+    groups = find_items(section(sr, IMAGING_MEASUREMENTS), ("125007", "DCM"), "CONTAINER")
+    assert len(groups) == 1 and not find_items(groups[0], None, "NUM")
+    scoord = [c for c in groups[0].ContentSequence if c.ValueType == "SCOORD"]
+    assert len(scoord) == 1 and scoord[0].GraphicType == "POLYLINE"
+    ref = scoord[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    key = next(d for d in (pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files)
+               if str(d.SOPInstanceUID) == ref)
+    xy = np.asarray(scoord[0].GraphicData, dtype=float).reshape(-1, 2)
+    assert (xy.min(0).tolist(), xy.max(0).tolist()) == ([0, 0], [key.Columns, key.Rows])
+    assert "Image analysed" in [i.TextValue for i in find_items(groups[0], ("112039", "DCM"), "TEXT")]
+    for where in (groups[0], section(sr, QUALITATIVE)):
+        said = [code_value(i) for i in items(where) if concept(i) == ("121071", "DCM")]
+        assert said == [("281900007", "SCT")]
 
 
 def test_containers_separate_and_image_library_compact(scenarios: dict[str, Scenario]) -> None:

@@ -9,7 +9,6 @@ SCOORD in a TID 1410 planar ROI group; measurements keep their UCUM units.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import numpy as np
 from highdicom.sr import (
@@ -37,7 +36,7 @@ from highdicom.sr.enum import RelationshipTypeValues
 from highdicom.sr.value_types import ContentSequence
 from pydicom.dataset import Dataset
 
-from pipelines.base import UCUM_RATIO, Evaluation, Finding, ImageRef, PipelineResult, Region
+from pipelines.base import UCUM_RATIO, Finding, ImageRef, PipelineResult, Region
 from pipelines.base import Measurement as ResultMeasurement
 
 from . import codes as C
@@ -52,12 +51,21 @@ from .common import (
     series_description,
 )
 from .sources import Source, clone_header, find
+from .srgroups import (
+    ANALYSED_IMAGE,
+    anchor_on_key_image,
+    by_group,
+    evaluations_by_group,
+    finding_has_region,
+    group_count,
+    group_has_region,
+    planar_group_count,
+    planar_region,
+    planar_regions,
+)
 from .srlayout import compact_image_library, make_separate
 
 log = logging.getLogger(__name__)
-
-PLANAR_TYPES = {"POLYLINE", "CIRCLE", "ELLIPSE"}
-
 
 def _source_for_region(ref: ImageRef) -> SourceImageForRegion:
     return SourceImageForRegion(ref.sop_class_uid, ref.sop_instance_uid,
@@ -90,64 +98,31 @@ def _coords(region: Region) -> CoordinatesForMeasurement:
     return CoordinatesForMeasurement(region.graphic_type, _graphic(region), _source_for_region(region.image))
 
 
-def _probability(f: Finding, result: PipelineResult, regions: list[Region] | None = None) -> list[Measurement]:
+def _named_probability(f: Finding) -> CodedConcept:
+    """(122157, DCM) with the finding in its meaning: OHIF labels an outline with its NUMs' Code Meanings
+    only, and "Probability: 0.62" on a red outline does not say of what. Codes are matched by value and
+    scheme, never by meaning (PS3.3 8.3), so readers that parse the SR are unaffected."""
+    return CodedConcept(C.PROBABILITY.value, C.PROBABILITY.scheme_designator,
+                        f"Probability of {f.code.meaning}"[:64])
+
+
+def _probability(f: Finding, result: PipelineResult, regions: list[Region] | None = None,
+                 named: bool = False) -> list[Measurement]:
     """Probability NUM; in a TID 1501 group the regions hang off it as INFERRED FROM SCOORD (TID 300)."""
     if f.probability is None:
         return []
-    out = [Measurement(C.PROBABILITY, float(f.probability), C.concept(UCUM_RATIO),
+    name = _named_probability(f) if named else C.PROBABILITY
+    out = [Measurement(name, float(f.probability), C.concept(UCUM_RATIO),
                        referenced_coordinates=[_coords(r) for r in regions] if regions else None)]
     if f.threshold is not None:  # what the probability was compared with, next to it
         out.append(Measurement(C.THRESHOLD, float(f.threshold), C.concept(UCUM_RATIO)))
     return out
 
 
-def _planar_regions(f: Finding) -> list[Region]:
-    """The outlines of a finding that become TID 1410 groups (one group each) when planar groups are allowed."""
-    return [r for r in f.regions if r.graphic_type in PLANAR_TYPES]
-
-
-def _by_group(result: PipelineResult) -> OrderedDict[str, list[ResultMeasurement]]:
-    """Measurements per group name, in result order: one SR measurement group each."""
-    by_group: OrderedDict[str, list[ResultMeasurement]] = OrderedDict()
-    for m in result.measurements:
-        by_group.setdefault(m.group or m.label or m.code.meaning, []).append(m)
-    return by_group
-
-
-def _planar_region(ms: list[ResultMeasurement]) -> Region | None:
-    """The one planar outline all measurements of a group share, which makes the group TID 1410; else None."""
-    regions = {id(m.region): m.region for m in ms if m.region is not None}
-    only = next(iter(regions.values())) if len(regions) == 1 else None
-    if only is not None and all(m.region is only for m in ms) and only.graphic_type in PLANAR_TYPES:
-        return only
-    return None
-
-
-def _finding_has_region(f: Finding) -> bool:
-    """Drawn in the viewer: an outline (TID 1410), or points under its probability (TID 1501 + SCOORD)."""
-    return bool(_planar_regions(f)) or (bool(f.regions) and f.probability is not None)
-
-
-def _group_has_region(ms: list[ResultMeasurement]) -> bool:
-    return any(m.region is not None for m in ms)
-
-
-def planar_group_count(result: PipelineResult) -> int:
-    """How many TID 1410 groups ``_groups(..., planar_ok=True)`` makes, without building any of them."""
-    return (sum(len(_planar_regions(f)) for f in result.findings)
-            + sum(_planar_region(ms) is not None for ms in _by_group(result).values()))
-
-
-def group_count(result: PipelineResult) -> int:
-    """How many measurement groups ``_groups(..., planar_ok=True)`` makes: only what has an image region."""
-    return (sum(max(1, len(_planar_regions(f))) for f in result.findings if _finding_has_region(f))
-            + sum(_group_has_region(ms) for ms in _by_group(result).values()))
-
-
 def _finding_groups(f: Finding, result: PipelineResult, planar_ok: bool = True) -> list:
     sites = [FindingSite(C.concept(f.site))] if f.site else None
     common = dict(finding_type=C.concept(f.code), algorithm_id=algorithm(result), finding_sites=sites)
-    planar = _planar_regions(f) if planar_ok else []
+    planar = planar_regions(f) if planar_ok else []
     groups = []
     if not planar:
         refs = f.key_images or [r.image for r in f.regions]
@@ -155,13 +130,14 @@ def _finding_groups(f: Finding, result: PipelineResult, planar_ok: bool = True) 
                                               referenced_frame_numbers=[r.frame] if r.frame else None)
                for r in refs] or None
         groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(f.label), measurements=_probability(f, result, f.regions),
+            tracking_identifier=_tracking(f.label), measurements=_probability(f, result, f.regions, named=True),
             qualitative_evaluations=_finding_evaluations(f), source_images=src, **common))
     for i, region in enumerate(planar):  # one group per outline: TID 1410 holds exactly one region
         label = f.label if len(planar) == 1 else f"{f.label} region {i + 1}"
         groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(label), referenced_region=image_region(region),
-            measurements=_probability(f, result), qualitative_evaluations=_finding_evaluations(f), **common))
+            measurements=_probability(f, result, named=True), qualitative_evaluations=_finding_evaluations(f),
+            **common))
     return groups
 
 
@@ -175,25 +151,18 @@ def _measurement(m: ResultMeasurement, result: PipelineResult, with_coords: bool
         finding_sites=[FindingSite(C.concept(m.site))] if m.site else None, referenced_coordinates=coords)
 
 
-def _evaluations_by_group(result: PipelineResult) -> OrderedDict[str, list[Evaluation]]:
-    evals: OrderedDict[str, list[Evaluation]] = OrderedDict()
-    for e in result.evaluations:
-        evals.setdefault(e.group, []).append(e)
-    return evals
-
-
 def _measurement_groups(result: PipelineResult, planar_ok: bool = True) -> list:
     """Groups for the measurements that have an image region; the others are study-level (Derived)."""
-    evals = _evaluations_by_group(result)
+    evals = evaluations_by_group(result)
     groups = []
-    for name, ms in _by_group(result).items():
-        if not _group_has_region(ms):
+    for name, ms in by_group(result).items():
+        if not group_has_region(ms):
             continue
         q = [QualitativeEvaluation(C.concept(e.name), C.concept(e.value)) for e in evals.get(name, [])]
         sites = [FindingSite(C.concept(ms[0].site))] if ms[0].site and all(m.site == ms[0].site for m in ms) else None
         common = dict(tracking_identifier=_tracking(name), algorithm_id=algorithm(result),
                       qualitative_evaluations=q or None)
-        only = _planar_region(ms) if planar_ok else None
+        only = planar_region(ms) if planar_ok else None
         if only is not None:
             groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
                 referenced_region=image_region(only), finding_sites=sites,
@@ -208,10 +177,18 @@ def _groups(result: PipelineResult, sources: list[Source], planar_ok: bool) -> l
     """TID 1500 Imaging Measurements: only groups with an image region (what viewers draw)."""
     groups = []
     for f in result.findings:
-        if _finding_has_region(f):
+        if finding_has_region(f):
             groups.extend(_finding_groups(f, result, planar_ok))
     groups.extend(_measurement_groups(result, planar_ok))
     return groups
+
+
+def _analysed_image_group(region: Region, result: PipelineResult, negative: bool
+                          ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    q = [QualitativeEvaluation(C.FINDING, C.NO_ABNORMALITY)] if negative else None
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(ANALYSED_IMAGE), referenced_region=image_region(region),
+        algorithm_id=algorithm(result), qualitative_evaluations=q)
 
 
 # --------------------------------------------------------------------------- study-level content
@@ -244,8 +221,8 @@ def _derived_num(name: CodedConcept, value: float, unit: CodedConcept, meaning: 
 def _derived_items(result: PipelineResult, sources: list[Source], key: ImageRef | None) -> list[Dataset]:
     """Study-level numbers (TID 1500 Derived Imaging Measurements, TID 300): no image region to draw."""
     out: list[Dataset] = []
-    for name, ms in _by_group(result).items():
-        if _group_has_region(ms):
+    for name, ms in by_group(result).items():
+        if group_has_region(ms):
             continue
         for m in ms:
             meaning = f"{name}: {m.label}" if m.label and m.label != name else (name or m.code.meaning)
@@ -254,7 +231,7 @@ def _derived_items(result: PipelineResult, sources: list[Source], key: ImageRef 
                                     derivation=C.concept(m.derivation) if m.derivation else None,
                                     site=C.concept(m.site) if m.site else None))
     for f in result.findings:
-        if _finding_has_region(f) or f.probability is None:
+        if finding_has_region(f) or f.probability is None:
             continue
         refs = f.key_images or ([key] if key else [])
         images = [SourceImageForMeasurement(r.sop_class_uid, r.sop_instance_uid,
@@ -280,13 +257,13 @@ def _qualitative_items(result: PipelineResult, negative: bool) -> list:
     if negative:
         items.append(CodeContentItem(C.FINDING, C.NO_ABNORMALITY, relationship_type=C_))
     for f in result.findings:
-        if _finding_has_region(f):
+        if finding_has_region(f):
             continue
         items.append(CodeContentItem(C.concept(f.code), C.PRESENT if f.present else C.ABSENT, relationship_type=C_))
         if f.critical and f.present:
             items.append(_text(C.COMMENT, f"{f.label}: critical result"))
-    measured = {name for name, ms in _by_group(result).items() if _group_has_region(ms)}
-    for name, es in _evaluations_by_group(result).items():
+    measured = {name for name, ms in by_group(result).items() if group_has_region(ms)}
+    for name, es in evaluations_by_group(result).items():
         if name in measured:
             continue  # already inside its measurement group
         for e in es:
@@ -336,12 +313,15 @@ def build_measurement_report(result: PipelineResult, sources: list[Source], key:
                              ctx: Context) -> Dataset:
     """TID 1500 in the layout viewers expect; see node/results/README.md ("Measurement report layout")."""
     negative = not any(f.present for f in result.findings) and not result.measurements and not result.evaluations
+    result, analysed = anchor_on_key_image(result, sources, key)
     # PixelMed (2022) applies TID 1410 to every sibling group when exactly one has an Image Region
     # and reports the others as errors; the same region as INFERRED FROM SCOORD on the group's NUMs
     # (TID 1501 + TID 300) carries the same information and validates. Decided before building:
     # highdicom groups are slow to make, and building them twice cost a fifth of a chest X-ray's budget.
     planar_ok = planar_group_count(result) != 1 or group_count(result) == 1
     groups = _groups(result, sources, planar_ok=planar_ok)
+    if analysed is not None:
+        groups.append(_analysed_image_group(analysed, result, negative))
     modality = str(sources[0].header.get("Modality", ""))
     procedure = C.concept(result.procedure) if result.procedure else C.PROCEDURE_CID100.get(
         modality, C.PROCEDURE_IMAGING)

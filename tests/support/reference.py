@@ -78,8 +78,10 @@ def chexnet_probabilities(net: Any, png: Path) -> np.ndarray:
         return net(x[None]).numpy()[0]
 
 
-def ainode_probabilities(model_dir: Path, dcms: list[Path]) -> np.ndarray:
-    """The cxr pipeline's own path (loader, input checks, preprocessing, ONNX Runtime): (N, labels)."""
+def ainode_probabilities(model_dir: Path, dcms: list[Path], refused: list[Path] | None = None) -> np.ndarray:
+    """The cxr pipeline's own path (loader, input checks, preprocessing, ONNX Runtime): (N, labels).
+
+    With ``refused`` given, images the input checks refuse are listed there and left out of the rows."""
     from node.loader import load_study
     from pipelines.cxr import CXRPipeline
 
@@ -88,7 +90,10 @@ def ainode_probabilities(model_dir: Path, dcms: list[Path]) -> np.ndarray:
     for p in dcms:
         study = load_study([p])
         runner = pipe.model(study)
-        images, refused = pipe.prepare_images(study, runner.manifest.input)
-        assert images, refused
+        images, why = pipe.prepare_images(study, runner.manifest.input)
+        if not images and refused is not None:
+            refused.append(p)
+            continue
+        assert images, why
         out.append(runner.run(np.stack([images[0].prepared.tensor]))[runner.manifest.output.probabilities][0])
     return np.stack(out)
