@@ -39,7 +39,7 @@ class EchoPipeline(Pipeline):
                 entry["slice_positions"] = [float(z) for z in s.slice_positions]
             details["series"].append(entry)  # type: ignore[union-attr]
             measurements.append(Measurement(
-                code=Code("FRAMES", PRIVATE_SCHEME, "Number of frames received"), value=float(n),
+                code=Code("FRAMES", PRIVATE_SCHEME, "Frames received"), value=float(n),
                 unit=UCUM_RATIO, group=f"Series {s.tags.get('SeriesNumber', '')}".strip(), series_uid=s.series_uid))
         total = sum(len(s.frames) for s in series)
         return PipelineResult(

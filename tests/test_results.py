@@ -384,6 +384,11 @@ def test_tid1500_measurements_units_and_rois(scenarios: dict[str, Scenario], ct_
     assert len(groups) == 2  # Liver ROI, Fat ROI; the dose numbers have no region
     circles = [i for i in items(sr) if i.ValueType == "SCOORD" and i.GraphicType == "CIRCLE"]
     assert len(circles) == 2
+    # worded for OHIF, which writes only "<meaning>: value" beside an outline: which ROI, then short names
+    shown = [[(concept(n), str(n.ConceptNameCodeSequence[0].CodeMeaning)) for n in find_items(g, None, "NUM")]
+             for g in groups]
+    assert shown[0][:2] == [(("112181", "DCM"), "liver mean"), (("112183", "DCM"), "SD")]
+    assert shown[1][0] == (("112181", "DCM"), "fat mean")
     derivations = [code_value(i) for i in find_items(sr, ("121401", "DCM"), "CODE")]
     assert derivations == [("373098007", "SCT")]
     sites = [code_value(i) for i in find_items(sr, ("363698007", "SCT"), "CODE")]

@@ -77,9 +77,9 @@ def _outlined_findings(scenario: V.Scenario) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("name,names", [
-    ("ct_quality", ("Mean attenuation coefficient", "Standard deviation of attenuation coefficient")),
+    ("ct_quality", ("Paraspinal muscle 1 mean:", "Subcutaneous fat 1 mean:", "SD:", "[hnsf'U]")),
     ("cxr", ()),  # the outlined findings' names, from the result
-    ("echo", ("Number of frames received",)),  # nothing has a region: drawn on the whole key image
+    ("echo", ("Frames received",)),  # nothing has a region: drawn on the whole key image
 ])
 def test_measurement_sr_draws_named_regions(viewer, name: str, names: tuple[str, ...]) -> None:
     sc = viewer[1][name]

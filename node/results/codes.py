@@ -49,7 +49,7 @@ PROCEDURE_GENERIC = CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
 CRITICAL_RESULT = CodedConcept("CRITICAL", PRIVATE_SCHEME, "Critical result")
 MODEL_STATUS = CodedConcept("MODELSTATUS", PRIVATE_SCHEME, "Model verification status")
 #: The operating threshold a finding's probability was compared with (no standard code for it).
-THRESHOLD = CodedConcept("THRESHOLD", PRIVATE_SCHEME, "Operating threshold for present")
+THRESHOLD = CodedConcept("THRESHOLD", PRIVATE_SCHEME, "Threshold for present")
 
 LANGUAGES = {
     "en": CodedConcept("en", "RFC5646", "English"),
@@ -67,6 +67,22 @@ PROCEDURE_CID100 = {"CT": PROCEDURE_CT, "MR": PROCEDURE_MR}
 def concept(code: Code) -> CodedConcept:
     """pipelines.base.Code -> highdicom concept; pipelines stay free of highdicom."""
     return CodedConcept(code.value, code.scheme, code.meaning)
+
+
+#: Short wording of NUMs beside an outline, where OHIF writes "<Code Meaning>: value unit" and nothing else
+#: (not the group or its finding site): "Paraspinal muscle 1 mean: 54.12", "SD: 25.81" instead of two lines
+#: of "Standard deviation of attenuation coefficient" running off the image. Codes are matched by value and
+#: scheme, not meaning (PS3.3 8.3); the wording is only what a reader sees.
+SHORT_MEANINGS = {("112181", "DCM"): "mean", ("112183", "DCM"): "SD"}
+
+
+def outline_concept(code: Code, region_label: str, first: bool) -> CodedConcept:
+    """The concept of a NUM in a drawn group, worded to be read beside its outline in a viewer."""
+    short = SHORT_MEANINGS.get((code.value, code.scheme))
+    if short is None:
+        return concept(code)
+    meaning = f"{region_label} {short}" if first and region_label else short
+    return CodedConcept(code.value, code.scheme, meaning[:64])
 
 
 def language(tag: str) -> CodedConcept:

@@ -141,12 +141,13 @@ def _finding_groups(f: Finding, result: PipelineResult, planar_ok: bool = True) 
     return groups
 
 
-def _measurement(m: ResultMeasurement, result: PipelineResult, with_coords: bool) -> Measurement:
+def _measurement(m: ResultMeasurement, result: PipelineResult, with_coords: bool,
+                 name: CodedConcept | None = None) -> Measurement:
     coords = None
     if with_coords and m.region is not None:
         coords = [_coords(m.region)]
     return Measurement(
-        C.concept(m.code), float(m.value), C.concept(m.unit),
+        name or C.concept(m.code), float(m.value), C.concept(m.unit),
         derivation=C.concept(m.derivation) if m.derivation else None,
         finding_sites=[FindingSite(C.concept(m.site))] if m.site else None, referenced_coordinates=coords)
 
@@ -166,7 +167,9 @@ def _measurement_groups(result: PipelineResult, planar_ok: bool = True) -> list:
         if only is not None:
             groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
                 referenced_region=image_region(only), finding_sites=sites,
-                measurements=[_measurement(m, result, with_coords=False) for m in ms], **common))
+                measurements=[_measurement(m, result, with_coords=False,
+                                           name=C.outline_concept(m.code, only.label, first=i == 0))
+                              for i, m in enumerate(ms)], **common))
         else:
             groups.append(MeasurementsAndQualitativeEvaluations(
                 finding_sites=sites, measurements=[_measurement(m, result, with_coords=True) for m in ms], **common))

@@ -91,7 +91,7 @@ def anchor_on_key_image(result: PipelineResult, sources: list[Source], key: Imag
     image of the first drawn group and nothing at all without one (echo; a negative chest X-ray).
 
     Such a result gets one TID 1410 group whose region is the whole key image. The first measurement group
-    that is about the key image's series and fits beside it (echo's "Number of frames received") moves into
+    that is about the key image's series and fits beside it (echo's "Frames received") moves into
     it, so OHIF labels the outline with it; otherwise the group is the region alone. Returns the result
     with that group's measurements anchored, and the region when it must be added as a group of its own.
     """
