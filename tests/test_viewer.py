@@ -29,6 +29,8 @@ LARGEST_CANVAS = """(() => {
   return cs.length ? [cs[0].left, cs[0].top, cs[0].width, cs[0].height] : null;
 })()"""
 SVG_TEXT = "Array.from(document.querySelectorAll('svg text')).map(t => t.textContent).filter(t => t.trim())"
+SVG_TEXT_BOXES = """Array.from(document.querySelectorAll('svg text')).filter(t => t.textContent.trim())
+  .map(t => { const r = t.getBoundingClientRect(); return [t.textContent, r.left, r.top, r.right, r.bottom]; })"""
 SKIP_TOUR = """(() => { const b = Array.from(document.querySelectorAll('button, a, span, div'))
   .find(e => e.textContent.trim() === 'Skip all'); if (b) b.click(); return !!b; })()"""
 
@@ -93,6 +95,12 @@ def test_measurement_sr_draws_named_regions(viewer, name: str, names: tuple[str,
         assert n in text, (n, labels[:10])
     vp = _viewport(browser, img)
     assert vp.std() > 10 and (vp > 60).mean() > 0.05, f"viewport looks blank: {shot}"  # anatomy, not black
+    x, y, w, h = browser.js(LARGEST_CANVAS)
+    # OHIF writes each label right of its outline at mid-height: the wording must fit across the viewport
+    # (OHIF alone decides how far down a label of an outline at the image's lower edge goes)
+    clipped = [t for t, left, top, right, _ in browser.js(SVG_TEXT_BOXES)
+               if left < x - 1 or right > x + w + 1 or not y - 1 <= top <= y + h]
+    assert not clipped, f"labels run off the viewport: {clipped} ({shot})"
 
 
 @pytest.mark.parametrize("name,phrase", [("ct_quality", "Overall image quality verdict"),

@@ -122,7 +122,7 @@ class ViewerServer:
 class Browser:
     """Headless Chromium with one page, driven over the DevTools protocol."""
 
-    def __init__(self, width: int = 1400, height: int = 900):
+    def __init__(self, width: int = 1920, height: int = 1080):  # the smallest common reading-room screen
         self.port = free_port()
         self.profile = tempfile.mkdtemp(prefix="ainode-chromium-")
         args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
