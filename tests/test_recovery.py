@@ -49,15 +49,17 @@ def test_a_listener_killed_between_job_done_and_delivery_queued_delivers_after_r
         time.sleep(1)
         assert pacs.files() == [], "nothing was queued for delivery before the crash"
 
-        node.env.pop("AINODE_FAULT")
-        node.start()
         summary = json.loads((node.storage / "results" / job["job_id"] / "summary.json").read_text())
         outbox = summary["outbox_files"]
         assert outbox, "the job produced result objects to deliver"
+        # read now: once delivered and confirmed, the lifecycle deletes outbox files
+        expected = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in outbox)
+        node.env.pop("AINODE_FAULT")
+        node.start()
         wait_for(lambda: len(pacs.files()) >= len(outbox), 60, 0.25, "results at the PACS after the restart")
         time.sleep(2)
         uids = _delivered_once(pacs, outbox)
-        assert sorted(uids) == sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in outbox)
+        assert sorted(uids) == expected
         wait_for(lambda: "recovery: queueing the results of finished job" in node.log_text(), 5)
     finally:
         pacs.stop()
