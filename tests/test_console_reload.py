@@ -42,7 +42,6 @@ def test_config_saves_under_load_drop_nothing(node_factory, tmp_path: Path) -> N
     base = f"http://127.0.0.1:{web}"
     wait_for(lambda: up(base + "/healthz"), 30, 0.2, "console")
 
-    batches = {i: [ct_series(tmp_path / f"s{i}" / f"b{b}", 6, size=16) for b in range(10)] for i in (1, 2, 3)}
     long_study = ct_series(tmp_path / "long", 60, size=16)
     stop = threading.Event()
     sent: list[tuple[int, list[Path], float]] = []
@@ -50,9 +49,11 @@ def test_config_saves_under_load_drop_nothing(node_factory, tmp_path: Path) -> N
     long_result: dict[str, object] = {}
 
     def sender(i: int) -> None:
-        for files in batches[i]:
-            if stop.is_set():
-                return
+        """Study after study until the saves are done, however long they take on a loaded machine."""
+        b = 0
+        while not stop.is_set() and b < 200:
+            files = ct_series(tmp_path / f"s{i}" / f"b{b}", 6, size=16)
+            b += 1
             t0 = time.time()
             r = storescu(node.port, files, aet=f"SENDER{i}", check=False)
             if r.returncode != 0:
