@@ -151,7 +151,7 @@ def test_verified_model_sr_cites_its_evaluation(tmp_path):
     objs = [pydicom.dcmread(p) for p in (tmp_path / "dicom-run" / "dicom").rglob("*.dcm")]
     srs = [d for d in objs if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"]  # TID 1500, Comprehensive SR
     assert srs and all("UNVERIFIED" not in str(d.SeriesDescription) for d in objs)
-    texts = [str(i.TextValue) for d in srs for i in _walk(d) if "TextValue" in i]
+    texts = [str(i.TextValue).replace("\n", "") for d in srs for i in _walk(d) if "TextValue" in i]
     assert any(sha in t and f"{n} images" in t for t in texts), texts
 
 

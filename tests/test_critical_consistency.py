@@ -212,7 +212,8 @@ def section_text(sr: pydicom.Dataset, code: str) -> str:
     texts = []
     for box in sr.ContentSequence:
         if box.get("ValueType") == "CONTAINER" and _code(box, "ConceptNameCodeSequence") == code:
-            texts += [str(i.get("TextValue", "")) for i in walk(box.get("ContentSequence", []), [])]
+            texts += [str(i.get("TextValue", "")).replace("\n", "")
+                      for i in walk(box.get("ContentSequence", []), [])]
     return "\n".join(texts)
 
 

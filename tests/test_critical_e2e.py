@@ -78,7 +78,7 @@ def test_critical_head_ct_pages_and_is_flagged_everywhere(node_factory, tmp_path
             sections = [i.ConceptNameCodeSequence[0].CodeValue for i in narrative.ContentSequence
                         if i.ValueType == "CONTAINER"]
             assert "73568-8" in sections, "no Communication of Critical Results section"
-            text = " ".join(str(i.get("TextValue", "")) for i in walk(narrative.ContentSequence, []))
+            text = " ".join(str(i.get("TextValue", "")).replace("\n", "") for i in walk(narrative.ContentSequence, []))
             assert "UNVERIFIED MODEL" in text
             def red_rows(sc: pydicom.Dataset) -> int:  # full-width red strip = the CRITICAL FINDING banner
                 px = np.asarray(sc.pixel_array).astype(int)

@@ -65,7 +65,7 @@ def _kos_refs(objs: list) -> set[str]:
 
 def _report_text(objs: list) -> str:
     narrative = next(o for o in objs if str(o.SOPClassUID) == ENHANCED_SR)
-    return " ".join(str(i.get("TextValue", "")) for i in walk(narrative.ContentSequence, []))
+    return " ".join(str(i.get("TextValue", "")).replace("\n", "") for i in walk(narrative.ContentSequence, []))
 
 
 @pytest.mark.timeout(1200)  # two studies, each validated by PixelMed (a JVM); slow on a loaded 2-core machine

@@ -57,7 +57,7 @@ def check_study(node, pacs: Orthanc, cr: Path, tmp_path: Path) -> None:
         assert validate(f) == [], o.SOPClassUID
         assert "UNVERIFIED" in str(o.SeriesDescription).upper() or str(o.SOPClassUID) == KOS
     narrative = next(o for o in objs if str(o.SOPClassUID) == ENHANCED_SR)
-    text = " ".join(str(i.get("TextValue", "")) for i in walk(narrative.ContentSequence, []))
+    text = " ".join(str(i.get("TextValue", "")).replace("\n", "") for i in walk(narrative.ContentSequence, []))
     assert "UNVERIFIED MODEL" in text and "effusion" in text.lower()
     sr = next(o for o in objs if str(o.SOPClassUID) == COMPREHENSIVE_SR)
     codes = {i.ConceptCodeSequence[0].CodeValue for i in walk(sr.ContentSequence, []) if "ConceptCodeSequence" in i}

@@ -906,3 +906,26 @@ def test_heatmap_blend_matches_the_float_formula() -> None:
     diff = np.abs(blend_heatmap(rgb, heat).astype(float) - expected)
     assert diff.max() <= 4 and diff.mean() < 0.5
     assert np.array_equal(blend_heatmap(rgb, heat)[hm < 0.19], rgb[hm < 0.19])  # anatomy untouched below 0.2
+
+
+@pytest.mark.parametrize("text", [
+    "The lungs are clear, with no focal consolidation, pulmonary oedema, pulmonary nodule or mass. There is a "
+    "pneumothorax (model probability 0.51, threshold 0.0098).  Two spaces stay.",
+    "肺野清晰，未见局灶性实变、肺水肿、肺结节或肿块。可见气胸（模型概率 0.51，阈值 0）。" * 3,
+    "x" * 120,
+])
+def test_finding_text_is_broken_into_lines_that_join_back(text: str) -> None:
+    """OHIF shows Finding TEXT in a <pre> that never wraps; the lines fit 88 columns (CJK counts two) unless one
+    word is longer, and deleting the newlines gives the paragraph back."""
+    import unicodedata
+
+    from node.results.narrative import FINDING_COLUMNS, wrap
+
+    out = wrap(text)
+    assert out.replace("\n", "") == text
+    lines = out.split("\n")
+    width = [sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in ln.rstrip()) for ln in lines]
+    if text.startswith("x"):
+        assert lines == [text]  # one word longer than a line is not cut
+    else:
+        assert len(lines) > 1 and all(w <= FINDING_COLUMNS for w in width), width

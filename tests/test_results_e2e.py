@@ -30,7 +30,7 @@ def node_config(tmp_path: Path, port: int, pacs: Orthanc, scp: StoreSCP | None, 
 
 
 def texts(ds: pydicom.Dataset) -> list[str]:
-    return [str(i.TextValue) for i in walk(ds.get("ContentSequence", [])) if "TextValue" in i]
+    return [str(i.TextValue).replace("\n", "") for i in walk(ds.get("ContentSequence", [])) if "TextValue" in i]
 
 
 @pytest.fixture

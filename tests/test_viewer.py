@@ -112,6 +112,10 @@ def test_narrative_reads_as_text(viewer, name: str, phrase: str) -> None:
     _finish(browser, shot)
     body = browser.js("document.body.innerText")
     assert phrase in body
+    # OHIF shows Finding TEXT in a <pre> that never wraps: ainode breaks the lines, nothing runs off the page
+    wide = browser.js("Array.from(document.querySelectorAll('pre')).filter(p => p.getBoundingClientRect().right"
+                      " > window.innerWidth).map(p => p.textContent.slice(0, 80))")
+    assert not wide, wide
     assert body.index("Findings") < body.index("Impressions")
 
 

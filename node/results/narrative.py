@@ -7,6 +7,8 @@ only when something critical was found.
 
 from __future__ import annotations
 
+import re
+
 from highdicom.sr import (
     CodeContentItem,
     ContainerContentItem,
@@ -122,9 +124,41 @@ def critical_text(result: PipelineResult, language: str) -> str:
     return (words(language)["critical"] + ": " + "; ".join(crit)) if crit else ""
 
 
+#: Where a Finding's text is broken into lines; see ``wrap``.
+FINDING_COLUMNS = 88
+_WIDE = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+_TOKENS = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]|[^\s\u2e80-\u9fff\uac00-\ud7af"
+                     r"\uf900-\ufaff\uff00-\uffef]+|\s+")
+
+
+def wrap(text: str, columns: int = FINDING_COLUMNS) -> str:
+    """A paragraph broken into lines of at most ``columns`` (CJK characters count two).
+
+    OHIF shows (121071, DCM) "Finding" TEXT preformatted, in a <pre> that never wraps (findings are often
+    tables), so an unbroken paragraph ran off the right of the report. Breaks replace spaces between words;
+    Chinese, which has none, breaks between characters. Deleting the newlines gives the paragraph back."""
+    lines: list[str] = []
+    line, width = "", 0
+    for tok in _TOKENS.findall(text):
+        if tok.isspace():
+            if line:
+                line, width = line + tok, width + len(tok)
+            continue
+        w = sum(2 if _WIDE.match(ch) else 1 for ch in tok)
+        if line and width + w > columns:
+            lines.append(line)  # a break at a space keeps it at the line's end: removing "\n" restores the text
+            line, width = "", 0
+        line, width = line + tok, width + w
+    if line.strip():
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
 def _section(name, concept_name, texts: list[str]) -> ContainerContentItem:
     """One TEXT item per paragraph, SEPARATE: viewers show each on its own line instead of one run-on."""
     box = ContainerContentItem(name, relationship_type=R.CONTAINS, is_content_continuous=False)
+    if concept_name == C.FINDING:
+        texts = [wrap(t) for t in texts if t]
     box.ContentSequence = ContentSequence([TextContentItem(concept_name, t, relationship_type=R.CONTAINS)
                                            for t in texts if t])
     return box

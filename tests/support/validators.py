@@ -55,7 +55,7 @@ def find_items(ds: Dataset, name: tuple[str, str] | None = None, value_type: str
 
 
 def texts(ds: Dataset) -> list[str]:
-    return [str(i.TextValue) for i in items(ds) if i.ValueType == "TEXT"]
+    return [str(i.TextValue).replace("\n", "") for i in items(ds) if i.ValueType == "TEXT"]  # unwrapped
 
 
 def num_units(ds: Dataset) -> set[str]:
