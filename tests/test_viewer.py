@@ -39,7 +39,8 @@ SKIP_TOUR = """(() => { const b = Array.from(document.querySelectorAll('button, 
 def viewer(tmp_path_factory: pytest.TempPathFactory):
     assert (OHIF_DIST / "index.html").exists(), f"./scripts/test installs OHIF into {OHIF_DIST}"
     tmp = tmp_path_factory.mktemp("viewer")
-    scenarios = {"ct_quality": V.ct_quality(tmp / "ct"), "cxr": V.cxr(tmp / "cxr"), "echo": V.echo(tmp / "echo")}
+    scenarios = {"ct_quality": V.ct_quality(tmp / "ct"), "cxr": V.cxr(tmp / "cxr"), "echo": V.echo(tmp / "echo"),
+                 "cxr_negative": V.cxr(tmp / "cxr_negative", negative=True)}
     with Orthanc(tmp / "pacs", dicomweb=True) as pacs, ViewerServer(pacs.http_url) as server, Browser() as browser:
         for name, sc in scenarios.items():
             for f in sc.write(tmp / name / "out"):
@@ -101,6 +102,18 @@ def test_measurement_sr_draws_named_regions(viewer, name: str, names: tuple[str,
     clipped = [t for t, left, top, right, _ in browser.js(SVG_TEXT_BOXES)
                if left < x - 1 or right > x + w + 1 or not y - 1 <= top <= y + h]
     assert not clipped, f"labels run off the viewport: {clipped} ({shot})"
+
+
+def test_negative_chest_xray_opens_on_the_radiograph(viewer) -> None:
+    """Nothing found, so nothing outlined: the report still opens on the radiograph it is about (issue 13's
+    black viewport), outlined as the image analysed, with no label and no error."""
+    sc = viewer[1]["cxr_negative"]
+    assert not any(f.present for f in sc.result.findings)
+    browser, shot = _open(viewer, sc, str(sc.tid1500.SeriesInstanceUID), "cxr_negative-tid1500")
+    browser.wait_js("document.querySelectorAll('svg polyline, svg path').length > 0", 90, "the outline")
+    img = _finish(browser, shot)
+    vp = _viewport(browser, img)
+    assert vp.std() > 10 and (vp > 60).mean() > 0.05, f"viewport looks blank: {shot}"
 
 
 @pytest.mark.parametrize("name,phrase", [("ct_quality", "Overall image quality verdict"),

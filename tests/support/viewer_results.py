@@ -70,25 +70,27 @@ def ct_quality(tmp: Path, language: str = "en") -> Scenario:
     return Scenario("ct_quality", files, result, encode(result, files, EncodeOptions(language=language)))
 
 
-def cxr_model_dir(tmp: Path) -> Path:
-    """The random-weight torchxrayvision import with thresholds that make two labels present, one critical."""
+def cxr_model_dir(tmp: Path, negative: bool = False) -> Path:
+    """The random-weight torchxrayvision import with thresholds that make two labels present, one critical
+    (``negative``: thresholds no probability reaches, the most common reading)."""
     from .cxr_models import imported_model
 
     src = imported_model("torchxrayvision")
-    d = tmp / "xrv"
+    d = tmp / ("xrv-negative" if negative else "xrv")
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "model.onnx", d / "model.onnx")
     m = yaml.safe_load((src / "manifest.yaml").read_text())
     m["thresholds"] = {label: {"possible": 1.0, "present": 1.0} for label in m["labels"]}
-    for label in ("Pneumothorax", "Cardiomegaly"):
-        m["thresholds"][label] = {"possible": 0.0, "present": 0.0}
-    m["thresholds"]["Effusion"] = {"possible": 0.0, "present": 1.0}
-    m["critical"] = {"Pneumothorax": 0.0}
+    if not negative:
+        for label in ("Pneumothorax", "Cardiomegaly"):
+            m["thresholds"][label] = {"possible": 0.0, "present": 0.0}
+        m["thresholds"]["Effusion"] = {"possible": 0.0, "present": 1.0}
+        m["critical"] = {"Pneumothorax": 0.0}
     (d / "manifest.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
     return d
 
 
-def cxr(tmp: Path, language: str = "en") -> Scenario:
+def cxr(tmp: Path, language: str = "en", negative: bool = False) -> Scenario:
     from pipelines.cxr import CXRPipeline
 
     src = Path(get_testdata_file("RG1_UNCR.dcm"))
@@ -102,9 +104,10 @@ def cxr(tmp: Path, language: str = "en") -> Scenario:
     (tmp / "cr").mkdir(parents=True, exist_ok=True)
     path = tmp / "cr" / "rg1.dcm"
     ds.save_as(path)
-    opts = {"model": str(cxr_model_dir(tmp)), "allow_unverified_models": True}
+    opts = {"model": str(cxr_model_dir(tmp, negative)), "allow_unverified_models": True}
     result = CXRPipeline({}).run(load_study([path], options=opts, language=language))
-    return Scenario("cxr", [path], result, encode(result, [path], EncodeOptions(language=language)))
+    name = "cxr_negative" if negative else "cxr"
+    return Scenario(name, [path], result, encode(result, [path], EncodeOptions(language=language)))
 
 
 def echo(tmp: Path) -> Scenario:
