@@ -1,455 +1,50 @@
-"""Deliver result objects from the durable outbox to every destination, exactly once as far as the PACS can tell.
+"""The delivery loop: due rows per destination, outcomes recorded as they happen, commitment, audit."""
 
-Why it is shaped this way:
-
-* The outbox files are written (validated, atomically) before ``enqueue`` is called, and they are never
-  regenerated: a re-send carries the same SOP Instance UIDs, which is what makes re-sending after a crash
-  harmless (a PACS stores a known SOP Instance UID once).
-* One row per (destination, SOP Instance UID) in the listener's SQLite database holds the whole schedule
-  (state, attempts, next attempt, last error), so a killed process resumes where it stopped; nothing about
-  the schedule lives only in memory.
-* A transient failure (connection refused, timeout, A-ASSOCIATE-RJ transient, 0xA7xx out of resources) is
-  retried with exponential backoff and jitter until the destination's ``retry_max_hours``; then the row is
-  dead-lettered.  A permanent refusal (A-ASSOCIATE-RJ permanent, presentation context rejected, a C-STORE
-  failure that is not about resources, HTTP 4xx) is recorded once as ``failed-permanent`` and shown in
-  status: retrying would only hammer a peer that has already said no.
-* One association per destination per batch, proposing only the SOP classes and transfer syntaxes the batch
-  needs (plus explicit and implicit little endian, so a peer that refuses our syntax still gets the object,
-  re-encoded); stat items are picked first.
-
-Run standalone (tests use this as "the process that delivers" and ``kill -9`` it)::
-
-    python -m node.delivery --storage-dir DIR --config FILE
-"""
 
 from __future__ import annotations
 
-import argparse
 import logging
-import random
 import shutil
-import signal
-import socket
-import ssl
-import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
 
 from node import scu
-from node.config import DestinationConfig, TLSConfig
+from node.config import DestinationConfig
+from node.delivery.dicom import DimseSender
+from node.delivery.model import (
+    COMMITTED,
+    DEAD,
+    FAILED,
+    PENDING,
+    PRIORITY,
+    SCHEMA,
+    SENT,
+    STATES,
+    STORAGE_COMMITMENT_PUSH,
+    BackoffPolicy,
+    Batch,
+    Item,
+    Outcome,
+    Sender,
+    all_outcomes,
+    status_text,
+    wants_commitment,
+)
+from node.delivery.stow import StowSender
 from node.state import State
 
 log = logging.getLogger("ainode.delivery")
 
-PENDING = "pending"
-SENT = "sent"  # stored at the destination; for storage-commitment destinations: awaiting commitment
-COMMITTED = "committed"
-FAILED = "failed-permanent"
-DEAD = "dead-letter"
-STATES = (PENDING, SENT, COMMITTED, FAILED, DEAD)
-
-PRIORITY = {"stat": 0, "routine": 1}
-STORAGE_COMMITMENT_PUSH = UID("1.2.840.10008.1.20.1")
-STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")
-MAX_CONTEXTS = 128  # DICOM PS3.8: presentation context ids are odd numbers 1..255
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    destination TEXT NOT NULL,
-    sop_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    job_id TEXT,
-    path TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 1,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_error TEXT,
-    created REAL NOT NULL,
-    first_attempt REAL, last_attempt REAL, sent REAL, committed REAL,
-    commit_txn TEXT, commit_requested REAL,
-    UNIQUE (destination, sop_uid)
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, destination, next_attempt);
-CREATE INDEX IF NOT EXISTS deliveries_study ON deliveries(study_uid);
-CREATE INDEX IF NOT EXISTS deliveries_txn ON deliveries(commit_txn);
-"""
-
-# C-STORE statuses (PS3.4 B.2.3, PS3.7 C): warnings still mean "stored".
-_WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
-             0xB007: "data set does not match SOP class"}
-_FAILURES = {0x0110: "processing failure", 0x0117: "invalid SOP instance", 0x0122: "SOP class not supported",
-             0x0124: "not authorised", 0x0210: "duplicate invocation", 0x0211: "unrecognised operation",
-             0x0212: "mistyped argument", 0x0213: "resource limitation"}
-
-
-def _status_text(status: int) -> str:
-    if status in _FAILURES:
-        return _FAILURES[status]
-    if 0xA700 <= status <= 0xA7FF:
-        return "out of resources"
-    if 0xA900 <= status <= 0xA9FF:
-        return "data set does not match SOP class"
-    if 0xC000 <= status <= 0xCFFF:
-        return "cannot understand"
-    return "unknown status"
-
-
-def is_transient_status(status: int) -> bool:
-    """Only "out of resources" says the same request may succeed later; every other failure is the peer's answer."""
-    return 0xA700 <= status <= 0xA7FF or status == 0x0213
-
-
-# --------------------------------------------------------------------------------------------- data model
-@dataclass(frozen=True)
-class Item:
-    """One (destination, SOP instance) delivery as read from the database."""
-
-    id: int
-    destination: str
-    sop_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    study_uid: str
-    path: Path
-    priority: int
-    attempts: int
-    created: float
-
-
-@dataclass(frozen=True)
-class Outcome:
-    kind: Literal["sent", "transient", "permanent"]
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class BackoffPolicy:
-    """Exponential backoff with jitter; jitter keeps many nodes from reconnecting to a recovered PACS in lockstep."""
-
-    base_s: float = 30.0
-    max_s: float = 3600.0
-    jitter: float = 0.3
-
-    def delay(self, attempts: int) -> float:
-        raw = min(self.max_s, self.base_s * (2 ** max(0, attempts - 1)))
-        return raw * (1.0 - self.jitter * random.random())
-
-
-Record = Callable[[dict[int, Outcome]], None]
-
-
-class Sender(Protocol):
-    def send(self, dest: DestinationConfig, items: Sequence[Item], record: Record | None = None) -> dict[int, Outcome]:
-        """Attempt ``items`` on one connection, calling ``record`` as outcomes become known (so progress survives
-        a crash mid-batch); returns all outcomes.  An item missing from the result was not attempted."""
-        ...
-
-
-@dataclass
-class _Batch:
-    """What one association (or STOW request series) to one destination has done so far."""
-
-    dest: DestinationConfig
-    items: dict[int, Item]
-    recorded: set[int] = field(default_factory=set)
-    sent: int = 0
-    delays: dict[int, float] = field(default_factory=dict)  # one jitter per batch: it retries as one association
-    per_study: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
-    errors: dict[str, str] = field(default_factory=dict)
-
-
-def wants_commitment(dest: DestinationConfig) -> bool:
-    """Storage commitment is a DIMSE service; for STOW-RS the HTTP response is the commitment we get."""
-    return dest.storage_commitment and dest.kind == "dicom"
-
-
-def _all(items: Iterable[Item], outcome: Outcome) -> dict[int, Outcome]:
-    return {it.id: outcome for it in items}
-
-
-# --------------------------------------------------------------------------------------------- DIMSE
-def tls_context(tls: TLSConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    return ctx
-
-
-def propose_contexts(items: Sequence[Item]) -> tuple[list[PresentationContext], list[Item]]:
-    """Contexts for the batch: each file's own syntax, then explicit and implicit little endian as separate
-    contexts (so the peer can refuse one and accept another).  Items whose SOP class does not fit in the
-    128-context limit are returned unproposed, to go on the next association."""
-    by_class: dict[str, set[str]] = {}
-    fitting: list[Item] = []
-    used = 0
-    for it in items:
-        tss = by_class.get(it.sop_class_uid)
-        if tss is not None and it.transfer_syntax in tss | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}:
-            tss.add(it.transfer_syntax)
-            fitting.append(it)
-            continue
-        extra = 0 if tss is not None else 2
-        native = it.transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-        need = extra + (1 if native else 0)
-        if used + need > MAX_CONTEXTS:
-            continue
-        used += need
-        by_class.setdefault(it.sop_class_uid, set()).add(it.transfer_syntax)
-        fitting.append(it)
-    contexts: list[PresentationContext] = []
-    for sop_class, tss in by_class.items():
-        for ts in sorted(tss - {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
-            contexts.append(build_context(sop_class, [ts]))
-        contexts.append(build_context(sop_class, [ExplicitVRLittleEndian]))
-        contexts.append(build_context(sop_class, [ImplicitVRLittleEndian]))
-    return contexts, fitting
-
-
-def association_failure(assoc: Association, dest: DestinationConfig) -> Outcome:
-    """Why an association did not come up, and whether asking again later can help."""
-    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        kind = scu.rejection_kind(rsp)
-        return Outcome(kind, f"association rejected {kind}ly by {where}: {scu.rejection_reason(rsp)}")
-    if assoc.rejected_contexts and not assoc.accepted_contexts:
-        classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
-        return Outcome("permanent", f"{where} accepted no presentation context (SOP classes not supported: "
-                                    f"{', '.join(UID(c).name for c in classes)})")
-    if assoc.is_aborted and getattr(assoc, "ainode_connected", False):
-        return Outcome("transient", f"association with {where} aborted during negotiation")
-    return Outcome("transient", f"could not connect to {where}: {_probe(dest)}")
-
-
-def _probe(dest: DestinationConfig, timeout: float = 3.0) -> str:
-    """pynetdicom only logs why connect() failed; one plain TCP probe recovers the reason for the status page
-    (refused, timed out, no route) or shows that TCP works and the TLS handshake was the problem."""
-    try:
-        with socket.create_connection((str(dest.host), int(dest.port or 104)), timeout=timeout):
-            pass
-    except OSError as exc:
-        if isinstance(exc, TimeoutError):
-            return "timed out"
-        return exc.strerror or type(exc).__name__
-    return "TLS handshake failed" if dest.tls else "connection closed before the association was negotiated"
-
-
-@dataclass
-class DimseSender:
-    """C-STORE SCU: one association per batch."""
-
-    ae_title: str
-    connection_timeout: float = 10.0
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 120.0
-    network_timeout: float = 60.0
-
-    def _ae(self) -> AE:
-        ae = AE(ae_title=self.ae_title)
-        ae.connection_timeout = self.connection_timeout
-        ae.acse_timeout = self.acse_timeout
-        ae.dimse_timeout = self.dimse_timeout
-        ae.network_timeout = self.network_timeout
-        return ae
-
-    def associate(self, dest: DestinationConfig, contexts: list[PresentationContext],
-                  handlers: list[Any] | None = None) -> Association:
-        tls_args = (tls_context(dest.tls), dest.host) if dest.tls else None
-        return scu.associate(self._ae(), dest.host, int(dest.port or 104), contexts=contexts,
-                             ae_title=dest.ae_title or "", tls_args=tls_args, handlers=handlers or ())
-
-    def send(self, dest: DestinationConfig, items: Sequence[Item], record: Record | None = None) -> dict[int, Outcome]:
-        contexts, fitting = propose_contexts(items)
-        if not fitting:
-            return {}
-        try:
-            assoc = self.associate(dest, contexts)
-        except Exception as exc:  # bad TLS files, DNS failure: the config's fault, but it may be fixed later
-            return _all(fitting, Outcome("transient", f"cannot start association with {dest.name}: {exc}"))
-        if not assoc.is_established:
-            return _all(fitting, association_failure(assoc, dest))
-        out: dict[int, Outcome] = {}
-        try:
-            for n, it in enumerate(fitting):
-                if not assoc.is_established:
-                    out.update(_all(fitting[n:], Outcome("transient", f"association with {dest.name} was lost")))
-                    break
-                out[it.id] = self._store_one(assoc, dest, it, msg_id=n + 1)
-                if record is not None:
-                    record({it.id: out[it.id]})
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return out
-
-    def _store_one(self, assoc: Association, dest: DestinationConfig, it: Item, msg_id: int) -> Outcome:
-        accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == it.sop_class_uid]
-        if not accepted:
-            return Outcome("permanent", f"{dest.name} rejected the presentation context for SOP class "
-                                        f"{UID(it.sop_class_uid).name} ({it.sop_class_uid})")
-        try:
-            ds = dcmread(it.path)
-        except Exception as exc:  # the file was validated when enqueued; if it is gone, no retry brings it back
-            return Outcome("permanent", f"cannot read outbox file {it.path}: {exc}")
-        ts = UID(ds.file_meta.TransferSyntaxUID)
-        accepted_ts = {UID(cx.transfer_syntax[0]) for cx in accepted}
-        if ts not in accepted_ts and ts.is_compressed:
-            if not any(not t.is_compressed for t in accepted_ts):
-                return Outcome("permanent", f"{dest.name} accepts none of our transfer syntaxes for {it.sop_uid}")
-            try:
-                # pydicom 3 would mint a new SOP Instance UID by default; a re-encoding is the same instance,
-                # and a new UID would defeat the PACS's duplicate detection on re-sends.
-                ds.decompress(generate_instance_uid=False)  # pynetdicom then encodes as explicit/implicit VR LE
-            except Exception as exc:
-                return Outcome("permanent", f"cannot decompress {it.sop_uid} for {dest.name}: {exc}")
-            log.info("delivery %s: %s re-encoded from %s (peer refused it)", dest.name, it.sop_uid, ts.name)
-        prio = 1 if it.priority == PRIORITY["stat"] else 0  # C-STORE priority HIGH / MEDIUM
-        try:
-            status = assoc.send_c_store(ds, msg_id=msg_id, priority=prio)
-        except ValueError as exc:  # no usable context or unencodable dataset
-            return Outcome("permanent", f"cannot send {it.sop_uid} to {dest.name}: {exc}")
-        except Exception as exc:
-            return Outcome("transient", f"C-STORE of {it.sop_uid} to {dest.name} broke: {exc}")
-        return self._classify(dest, it, status)
-
-    def request_commitment(self, dest: DestinationConfig, txn_uid: str, items: Sequence[Item],
-                           on_report: Any, wait_s: float = 2.0, resolved: threading.Event | None = None) -> Outcome:
-        """N-ACTION (Storage Commitment Push Model, action 1) for ``items`` under ``txn_uid``.
-
-        The answer (N-EVENT-REPORT) may come on this association, so ``on_report`` is bound here and the
-        association is held up to ``wait_s`` (or until ``resolved`` is set); most PACS, Orthanc included,
-        answer later on an association of their own, which the node's SCP hands to the same handler."""
-        contexts = [build_context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-        try:
-            assoc = self.associate(dest, contexts, handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
-        except Exception as exc:
-            return Outcome("transient", f"cannot start association with {dest.name}: {exc}")
-        if not assoc.is_established:
-            failure = association_failure(assoc, dest)
-            if failure.kind == "permanent":
-                return Outcome("permanent", f"stored, but storage commitment refused: {failure.error}")
-            return failure
-        try:
-            req = Dataset()
-            req.TransactionUID = txn_uid
-            req.ReferencedSOPSequence = []
-            for it in items:
-                ref = Dataset()
-                ref.ReferencedSOPClassUID = it.sop_class_uid
-                ref.ReferencedSOPInstanceUID = it.sop_uid
-                req.ReferencedSOPSequence.append(ref)
-            status, _ = assoc.send_n_action(req, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
-            if "Status" not in status:
-                return Outcome("transient", f"no N-ACTION response from {dest.name}")
-            code = int(status.Status)
-            if code != 0x0000:
-                kind: Literal["transient", "permanent"] = "transient" if is_transient_status(code) else "permanent"
-                return Outcome(kind, f"storage commitment request refused by {dest.name}: status 0x{code:04X}")
-            if resolved is not None:
-                resolved.wait(wait_s)
-            return Outcome("sent")
-        except Exception as exc:
-            return Outcome("transient", f"storage commitment request to {dest.name} broke: {exc}")
-        finally:
-            if assoc.is_established:
-                assoc.release()
-
-    @staticmethod
-    def _classify(dest: DestinationConfig, it: Item, status: Dataset) -> Outcome:
-        if "Status" not in status:
-            return Outcome("transient", f"no C-STORE response from {dest.name} (timeout or abort)")
-        code = int(status.Status)
-        comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
-        if code == 0x0000:
-            return Outcome("sent")
-        if code in _WARNINGS:
-            log.warning("delivery %s: %s stored with warning 0x%04X (%s)", dest.name, it.sop_uid, code,
-                        _WARNINGS[code])
-            return Outcome("sent")
-        text = f"C-STORE status 0x{code:04X} ({_status_text(code)}){comment} from {dest.name}"
-        return Outcome("transient" if is_transient_status(code) else "permanent", text)
-
-
-# --------------------------------------------------------------------------------------------- STOW-RS
-@dataclass
-class StowSender:
-    """STOW-RS via dicomweb-client; one multipart POST per batch (per study, as STOW URLs are per study)."""
-
-    timeout: float = 60.0
-    max_per_request: int = 50
-
-    def send(self, dest: DestinationConfig, items: Sequence[Item], record: Record | None = None) -> dict[int, Outcome]:
-        import requests
-        from dicomweb_client.api import DICOMwebClient
-
-        headers = {"Authorization": f"Bearer {dest.bearer_token}"} if dest.bearer_token else None
-        session = requests.Session()
-        if dest.tls:  # HTTPS with a client certificate, verified against the configured CA
-            session.cert = (str(dest.tls.cert), str(dest.tls.key))
-            session.verify = str(dest.tls.ca) if dest.tls.ca else True
-        client = DICOMwebClient(url=str(dest.url).rstrip("/"), session=session, headers=headers, timeout=self.timeout)
-        client.set_http_retry_params(retry=False)  # our schedule, not theirs, survives restarts
-        out: dict[int, Outcome] = {}
-        by_study: dict[str, list[Item]] = defaultdict(list)
-        for it in items:
-            by_study[it.study_uid].append(it)
-        for study_uid, group in by_study.items():
-            for start in range(0, len(group), self.max_per_request):
-                chunk = group[start:start + self.max_per_request]
-                datasets: list[Dataset] = []
-                readable: list[Item] = []
-                for it in chunk:
-                    try:
-                        datasets.append(dcmread(it.path))
-                        readable.append(it)
-                    except Exception as exc:
-                        out[it.id] = Outcome("permanent", f"cannot read outbox file {it.path}: {exc}")
-                if not readable:
-                    continue
-                try:
-                    rsp = client.store_instances(datasets, study_instance_uid=study_uid)
-                except requests.HTTPError as exc:
-                    code = exc.response.status_code if exc.response is not None else 0
-                    transient = code >= 500 or code in (408, 429) or code == 0
-                    out.update(_all(readable, Outcome("transient" if transient else "permanent",
-                                                      f"STOW-RS to {dest.url} failed: HTTP {code}")))
-                    continue
-                except (requests.RequestException, OSError) as exc:
-                    out.update(_all(readable, Outcome("transient", f"STOW-RS to {dest.url} failed: {exc}")))
-                    continue
-                failed = {str(x.ReferencedSOPInstanceUID): int(getattr(x, "FailureReason", 0x0110))
-                          for x in getattr(rsp, "FailedSOPSequence", [])}
-                for it in readable:
-                    if it.sop_uid in failed:
-                        code = failed[it.sop_uid]
-                        out[it.id] = Outcome("transient" if is_transient_status(code) else "permanent",
-                                             f"STOW-RS refused {it.sop_uid}: failure reason 0x{code:04X} "
-                                             f"({_status_text(code)})")
-                    else:
-                        out[it.id] = Outcome("sent")
-                if record is not None:
-                    record(out)
-        return out
-
-
-# --------------------------------------------------------------------------------------------- service
 class DeliveryService:
     """Owns the ``deliveries`` table and the thread that works it off.
 
@@ -593,12 +188,12 @@ class DeliveryService:
             if not items:
                 break
             seen.update(it.id for it in items)
-            batch = _Batch(dest, {it.id: it for it in items})
+            batch = Batch(dest, {it.id: it for it in items})
             try:
                 outcomes = self.senders[dest.kind].send(dest, items, lambda o, b=batch: self._record(b, o))
             except Exception as exc:  # a bug in a sender must not kill the delivery thread
                 log.exception("delivery %s: sender failed", dest.name)
-                outcomes = _all(items, Outcome("transient", f"internal error: {exc}"))
+                outcomes = all_outcomes(items, Outcome("transient", f"internal error: {exc}"))
             self._record(batch, outcomes)  # whatever the sender did not report as it went
             self._batch_events(batch)
             sent += batch.sent
@@ -608,7 +203,7 @@ class DeliveryService:
             self._request_commitments(dest)
         return sent
 
-    def _record(self, batch: _Batch, outcomes: dict[int, Outcome]) -> None:
+    def _record(self, batch: Batch, outcomes: dict[int, Outcome]) -> None:
         """Persist outcomes as they happen, so a process killed mid-batch re-sends only what it had not recorded."""
         dest = batch.dest
         todo = {k: v for k, v in outcomes.items() if k in batch.items and k not in batch.recorded}
@@ -649,7 +244,7 @@ class DeliveryService:
                     batch.per_study[it.study_uid][new_state] += 1
                     batch.errors[it.study_uid] = o.error or ""
 
-    def _batch_events(self, batch: _Batch) -> None:
+    def _batch_events(self, batch: Batch) -> None:
         """One event per study and batch, not per instance: the events table is for people to read."""
         for study_uid, counts in batch.per_study.items():
             parts = ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -760,7 +355,7 @@ class DeliveryService:
                 committed += c.execute("UPDATE deliveries SET state=?, committed=?, last_error=NULL WHERE commit_txn=?"
                                        " AND sop_uid=? AND state=?", (COMMITTED, now, txn, sop, SENT)).rowcount
             for sop, reason in bad.items():
-                err = f"storage commitment failed: reason 0x{reason:04X} ({_status_text(reason)})"
+                err = f"storage commitment failed: reason 0x{reason:04X} ({status_text(reason)})"
                 if reason in (0x0119, 0x0122, 0x0131):  # class/instance conflict, class unsupported, dup txn
                     n = c.execute("UPDATE deliveries SET state=?, last_error=? WHERE commit_txn=? AND sop_uid=?"
                                   " AND state=?", (FAILED, err, txn, sop, SENT)).rowcount
@@ -873,46 +468,3 @@ class DeliveryService:
                                   " state"):
             out.setdefault(r["destination"], dict.fromkeys(STATES, 0))[r["state"]] = r["n"]
         return out
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    from node.config import load_config
-
-    p = argparse.ArgumentParser(prog="python -m node.delivery", description="Deliver the outbox until SIGTERM.")
-    p.add_argument("--config", required=True)
-    p.add_argument("--storage-dir", help="defaults to node.storage_dir from the config")
-    p.add_argument("--backoff-base", type=float, default=30.0, help="first retry delay in seconds")
-    p.add_argument("--backoff-max", type=float, default=3600.0, help="longest retry delay in seconds")
-    p.add_argument("--poll-interval", type=float, default=5.0)
-    p.add_argument("--commitment-port", type=int, help="listen here for storage commitment reports")
-    p.add_argument("--commitment-timeout", type=float, default=600.0, help="re-ask for commitment after (s)")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, check_semantics=False)
-    storage_dir = Path(args.storage_dir or cfg.node.storage_dir)
-    state = State(storage_dir)
-    svc = DeliveryService(state, cfg.destinations, storage_dir, cfg.node.ae_title,
-                          backoff=BackoffPolicy(args.backoff_base, args.backoff_max),
-                          poll_interval_s=args.poll_interval, commitment_port=args.commitment_port,
-                          commitment_timeout_s=args.commitment_timeout)
-    done = threading.Event()
-
-    def _signal(signum: int, _frame: object) -> None:
-        log.info("delivery: signal %d, stopping", signum)
-        done.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
-    svc.start()
-    log.info("delivery: running for %s", ", ".join(svc.destinations) or "no destinations")
-    while not done.wait(0.5):
-        pass
-    svc.stop()
-    state.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
