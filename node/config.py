@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.matching import validate_match
 from node.notify import NotifyConfig
+from node.pipeline_options import option_problems
+from node.problems import ConfigError, Problem
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -187,8 +189,6 @@ class RouteConfig(_Strict):
     @field_validator("match")
     @classmethod
     def _match(cls, v: dict[str, MatchValue]) -> dict[str, MatchValue]:
-        from node.routing import validate_match
-
         validate_match(v)
         return v
 
@@ -237,22 +237,6 @@ class Config(_Strict):
     @property
     def storage_dir(self) -> Path:
         return self.node.storage_dir
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class ConfigError(Exception):
-    def __init__(self, problems: list[Problem], source: str = "config"):
-        self.problems = problems
-        self.source = source
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
 _HINTS = {
@@ -373,8 +357,6 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
 
             known_pipelines = set(available_pipelines())
         problems = semantic_problems(cfg, known_pipelines)
-        from node.pipeline_options import option_problems
-
         problems += option_problems(cfg, known_pipelines)
         if problems:
             raise ConfigError(problems, source)

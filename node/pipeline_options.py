@@ -3,11 +3,14 @@ valid names in every message (``ainode config check``, start-up and the console 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from node.config import Config, Problem
+from node.problems import Problem
+
+if TYPE_CHECKING:
+    from node.config import Config
 
 HINTS = {
     "language": "the narrative language is a route key (routes[].language) or a destination key "

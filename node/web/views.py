@@ -29,7 +29,7 @@ def routes(c: Console) -> list[Route]:
 
     async def api_status(request: Request) -> Response:
         await c.require(request)
-        from node.cli import status_data
+        from node.status import status_data
 
         body = await run_in_threadpool(status_data, c.listener.cfg)
         return Response(json.dumps(body, default=str), media_type="application/json")
