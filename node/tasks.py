@@ -2,7 +2,8 @@
 
 Workers never open the state database. A task gets everything in its arguments (instance paths,
 options, where to write), writes the ``PipelineResult`` and the validated result objects under
-``storage_dir``, and returns a small JSON summary that the listener reads through the result backend.
+``storage_dir``, including ``summary.json``, which is what the listener reads: nothing is kept in Celery's
+result backend (``task_ignore_result``), so Redis holds only the queue, the leases and nothing per finished job.
 The task is idempotent per job: a re-delivered message finds the saved summary and returns it.
 """
 
@@ -63,7 +64,7 @@ def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_track_started=True, task_time_limit=task_time_limit, task_soft_time_limit=max(5, task_time_limit - 15),
-        result_expires=7 * 24 * 3600, result_extended=False,
+        task_ignore_result=True, result_expires=3600, result_extended=False,
         task_default_queue="cpu", task_queues=[Queue(q) for q in QUEUES],
         task_default_priority=PRIORITY["routine"],
         broker_transport_options={"priority_steps": list(range(10)), "sep": ":",

@@ -54,6 +54,13 @@ def test_ct_series_and_cr_reach_the_pipeline_with_the_right_pixels(node_factory,
     assert all(study[k] for k in timestamps), {k: study[k] for k in timestamps}
     assert study["first_received"] <= study["completed"] <= study["queued"] <= study["finished"]
 
+    # the listener reads finished jobs from disk; Redis keeps no Celery result per job, which grew for 7 days
+    import redis
+
+    sock = node.storage / "redis" / "redis.sock"
+    assert sock.exists(), "the node runs its embedded Redis there"
+    assert redis.Redis(unix_socket_path=str(sock)).keys("celery-task-meta-*") == []
+
 
 def _encode(tool: str, src: Path, dst: Path, *args: str) -> Path:
     subprocess.run([tool, *args, str(src), str(dst)], check=True, capture_output=True)
