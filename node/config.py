@@ -217,6 +217,10 @@ class ConsoleConfig(_Strict):
     token_role: Literal["viewer", "admin"] = "viewer"
     session_hours: float = Field(8.0, gt=0, le=24 * 30)
     audit_log: Path | None = None  # default: <storage_dir>/audit.jsonl
+    #: failed sign-ins (form, Basic or token) from one address before it must wait; the wait starts at
+    #: ``lockout_seconds`` and doubles with each further failure, up to 15 minutes
+    max_failed_logins: int = Field(5, ge=1, le=100)
+    lockout_seconds: float = Field(30.0, gt=0, le=900)
 
     def has_credentials(self) -> bool:
         return bool(self.users) or bool(self.token)

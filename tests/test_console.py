@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -150,7 +151,9 @@ def test_access_control_audit_and_metrics(node_factory, tmp_path: Path) -> None:
 
     # the audit log: logins (failed too), refusals, the action once plus its repeat; never a password
     entries = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()]
-    assert {"who": "ada", "action": "login", "outcome": "failed"}.items() <= entries[0].items()
+    logins = [(e["who"], e["outcome"]) for e in entries if e["action"] == "login"]
+    # the wrong token, the wrong Basic password, the wrong form password, then the two good sign-ins
+    assert logins[:5] == [("token", "failed"), ("basic", "failed"), ("ada", "failed"), ("ada", "ok"), ("vic", "ok")]
     assert all(e["from"] == "127.0.0.1" and e["at"] for e in entries)
     kinds = [(e["who"], e["action"], e["outcome"]) for e in entries]
     assert ("vic", "denied", "forbidden") in kinds and ("ada", "csrf-refused", "refused") in kinds
@@ -160,3 +163,40 @@ def test_access_control_audit_and_metrics(node_factory, tmp_path: Path) -> None:
     assert "SECRET-PID-77" not in node.log_text()
     audit_page = vic.get(base + "/audit", timeout=10)
     assert audit_page.status_code == 200 and "csrf-refused" in audit_page.text
+
+
+def test_guessing_passwords_is_throttled_per_address(node_factory, tmp_path: Path) -> None:
+    """Failed sign-ins from one address make it wait (HTTP 429, Retry-After), whatever it then sends, the
+    right password included; the wait ends, success clears the count, and every step is audited."""
+    web = free_port()
+    cfg = base_config(tmp_path / "var", free_port(), web_port=web)
+    cfg["console"] = {"users": users(), "max_failed_logins": 3, "lockout_seconds": 2}
+    node_factory(config=cfg)
+    base = f"http://127.0.0.1:{web}"
+    wait_for(lambda: status_of(base + "/healthz") == 200, 30, 0.2, "healthz")
+
+    s = requests.Session()
+    for i in range(3):
+        page = s.get(base + "/login", timeout=5)
+        bad = s.post(base + "/login", data={"name": "ada", "password": f"guess{i}", "csrf": csrf_of(page.text)},
+                     timeout=10)
+        assert bad.status_code == 401
+    assert "must wait 2 s" in bad.text  # the third failure starts the wait, and says so
+    page = s.get(base + "/login", timeout=5)
+    held = s.post(base + "/login", data={"name": "ada", "password": "ada-pw", "csrf": csrf_of(page.text)},
+                  timeout=10)
+    assert held.status_code == 429 and "Too many failed sign-ins" in held.text
+    assert 1 <= int(held.headers["Retry-After"]) <= 3
+    api = requests.get(base + "/api/status", auth=("vic", "vic-pw"), timeout=5)
+    assert api.status_code == 429 and "Retry-After" in api.headers  # the same address, another way in
+
+    time.sleep(2.2)
+    login(base, "ada", "ada-pw")  # the wait is over; success clears the count
+    page = s.get(base + "/login", timeout=5)
+    assert s.post(base + "/login", data={"name": "ada", "password": "again", "csrf": csrf_of(page.text)},
+                  timeout=10).status_code == 401  # one failure after a success is not a lockout
+
+    entries = [json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()]
+    outcomes = [e["outcome"] for e in entries if e["action"] == "login"]
+    assert outcomes[:5] == ["failed", "failed", "failed; address waits 2 s", "throttled", "ok"], outcomes
+    assert not any("guess" in json.dumps(e) or "ada-pw" in json.dumps(e) for e in entries)

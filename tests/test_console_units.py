@@ -39,3 +39,21 @@ def test_exposure_rules() -> None:
     assert auth.check_password("ada", "nope") is None and auth.check_password("bob", "pw") is None
     assert Authenticator(ConsoleConfig(), loopback=True).open_local
     assert not Authenticator(ConsoleConfig(), loopback=False).open_local
+
+
+def test_login_throttle_waits_double_and_clear() -> None:
+    from node.web.auth import LoginThrottle
+
+    now = [1000.0]
+    th = LoginThrottle(max_failures=3, base_s=30, window_s=900, clock=lambda: now[0])
+    assert [th.failed("10.0.0.9") for _ in range(2)] == [0.0, 0.0] and th.wait_s("10.0.0.9") == 0
+    assert th.failed("10.0.0.9") == 30 and th.wait_s("10.0.0.9") == 30
+    assert th.failed("10.0.0.9") == 60 and th.failed("10.0.0.9") == 120  # doubling with each failure
+    assert th.wait_s("10.0.0.8") == 0  # per address: another one is not held
+    for _ in range(10):
+        th.failed("10.0.0.9")
+    assert th.wait_s("10.0.0.9") == LoginThrottle.CAP_S
+    th.succeeded("10.0.0.9")
+    assert th.wait_s("10.0.0.9") == 0 and th.failed("10.0.0.9") == 0
+    now[0] += 901  # failures older than the window are forgotten
+    assert th.failed("10.0.0.9") == 0 and th.failed("10.0.0.9") == 0 and th.failed("10.0.0.9") == 30

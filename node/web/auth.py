@@ -18,6 +18,9 @@ import base64
 import hmac
 import ipaddress
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +125,47 @@ class Authenticator:
 
 def csrf_ok(expected: str | None, given: str | None) -> bool:
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected).encode(), str(given).encode())
+
+
+class LoginThrottle:
+    """Failed sign-ins per client address: after ``max_failures`` within ``window_s`` the address waits
+    ``base_s``, doubling with each further failure (capped), and its attempts are not even checked
+    meanwhile, so guessing passwords is slow and cannot keep the argon2 verifier (deliberately costly)
+    busy. Per address, not per user name: a stranger cannot lock a radiologist out by failing their name.
+    Kept in memory: a restart forgets, which only gives an attacker back a few attempts."""
+
+    CAP_S = 900.0
+
+    def __init__(self, max_failures: int = 5, base_s: float = 30.0, window_s: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_failures, self.base_s, self.window_s, self.clock = max_failures, base_s, window_s, clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, list[float]] = {}
+        self._until: dict[str, float] = {}
+
+    def wait_s(self, address: str) -> float:
+        """Seconds this address must still wait before a sign-in is checked (0: go ahead)."""
+        with self._lock:
+            return max(0.0, self._until.get(address, 0.0) - self.clock())
+
+    def failed(self, address: str) -> float:
+        """Record a failure; returns the wait it now has (0 while under the limit)."""
+        now = self.clock()
+        with self._lock:
+            recent = [t for t in self._failures.get(address, []) if now - t < self.window_s] + [now]
+            self._failures[address] = recent[-4 * self.max_failures:]
+            over = len(recent) - self.max_failures
+            if over < 0:
+                return 0.0
+            wait = min(self.CAP_S, self.base_s * 2 ** over)
+            self._until[address] = now + wait
+            if len(self._until) > 10_000:  # a scan from many addresses must not grow this without end
+                for k in [k for k, u in self._until.items() if u < now][:5_000]:
+                    self._until.pop(k, None)
+                    self._failures.pop(k, None)
+            return wait
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+            self._until.pop(address, None)

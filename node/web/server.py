@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from node.web.audit import AuditLog
-from node.web.auth import Authenticator, Identity, csrf_ok, is_loopback, session_secret
+from node.web.auth import Authenticator, Identity, LoginThrottle, csrf_ok, is_loopback, session_secret
 from node.web.metrics import CONTENT_TYPE, NodeMetrics
 
 if TYPE_CHECKING:
@@ -37,9 +37,10 @@ READ_METHODS = ("GET", "HEAD")
 
 
 class Denied(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after_s: float = 0.0):
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -72,6 +73,22 @@ class Console:
         self.templates.env.filters["t"] = _fmt_time
         self.templates.env.filters["dur"] = _fmt_dur
         self.secret = session_secret(storage)
+        self._throttle = LoginThrottle()
+
+    @property
+    def throttle(self) -> LoginThrottle:
+        """One per console (it remembers failures), with the limits of the configuration now in force."""
+        cc = self.listener.cfg.console
+        self._throttle.max_failures, self._throttle.base_s = cc.max_failed_logins, cc.lockout_seconds
+        return self._throttle
+
+    def sign_in_failed(self, request: Request, name: str) -> float:
+        """Count a failed sign-in from this address; says in the audit log when it now has to wait."""
+        ip = self.ip(request)
+        wait = self.throttle.failed(ip)
+        self.audit.write(who=name[:64] or "-", role="-", ip=ip, action="login",
+                         outcome=f"failed; address waits {wait:.0f} s" if wait else "failed")
+        return wait
 
     @property
     def auth(self) -> Authenticator:  # built per request: the config may have been reloaded
@@ -82,7 +99,17 @@ class Console:
         auth = self.auth
         header = request.headers.get("authorization")
         if header:
-            return auth.from_header(header, request.method in READ_METHODS)
+            ip = self.ip(request)
+            wait = self.throttle.wait_s(ip)
+            if wait > 0:
+                raise Denied(429, f"too many failed sign-ins from {ip}; try again in {wait:.0f} s", wait)
+            who = auth.from_header(header, request.method in READ_METHODS)
+            scheme = header.partition(" ")[0].lower()
+            checked = (scheme == "bearer" and bool(auth.console.token)) or \
+                (scheme == "basic" and request.method in READ_METHODS)
+            if who is None and checked:  # a credential was checked and was wrong
+                self.sign_in_failed(request, "token" if scheme == "bearer" else "basic")
+            return who
         user = request.session.get("user")
         if user and request.session.get("exp", 0) > time.time():
             if request.session.get("local"):  # an open-local session is worth nothing once credentials exist
@@ -140,6 +167,8 @@ def build_app(console: Console) -> Starlette:
         if request.url.path.startswith("/api/") or request.url.path == "/metrics" or \
                 request.headers.get("authorization"):
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+            if exc.retry_after_s:
+                headers["Retry-After"] = str(int(exc.retry_after_s) + 1)
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
         if exc.status == 401:
             return RedirectResponse(f"/login?next={request.url.path}", status_code=303)

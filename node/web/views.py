@@ -48,11 +48,21 @@ def routes(c: Console) -> list[Route]:
         nxt = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
         if not csrf_ok(request.session.get("csrf"), str(form.get("csrf") or "")):
             return c.page(request, "login.html", status=403, next=nxt, error="The form expired; try again.")
+        wait = c.throttle.wait_s(c.ip(request))
+        if wait > 0:  # not even checked: guessing stays slow, and argon2 is not kept busy
+            c.audit.write(who=name[:64] or "-", role="-", ip=c.ip(request), action="login", outcome="throttled")
+            page = c.page(request, "login.html", status=429, next=nxt,
+                          error=f"Too many failed sign-ins from this address; try again in {wait:.0f} s.")
+            page.headers["Retry-After"] = str(int(wait) + 1)
+            return page
         who = await run_in_threadpool(c.auth.check_password, name, password)
-        c.audit.write(who=name[:64], role=who.role if who else "-", ip=c.ip(request), action="login",
-                      outcome="ok" if who else "failed")
         if who is None:
-            return c.page(request, "login.html", status=401, next=nxt, error="Wrong name or password.")
+            wait = c.sign_in_failed(request, name)
+            error = "Wrong name or password." + (f" This address must wait {wait:.0f} s before trying again."
+                                                 if wait else "")
+            return c.page(request, "login.html", status=401, next=nxt, error=error)
+        c.throttle.succeeded(c.ip(request))
+        c.audit.write(who=name[:64], role=who.role, ip=c.ip(request), action="login", outcome="ok")
         request.session.clear()
         request.session.update(user=who.name, exp=time.time() + 3600 * c.listener.cfg.console.session_hours)
         c.csrf(request)
