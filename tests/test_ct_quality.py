@@ -9,6 +9,7 @@ phantom's own label map, and reconstruction gains are sigma ratios.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,20 @@ def test_recon_ranking_and_cnr_gain(recon_result: tuple[PipelineResult, dict]) -
     assert len(gains) == 6
     table = [o for o in res.overlays if o.name.startswith("comparison")]
     assert len(table) == 1 and table[0].array.dtype == np.uint8 and table[0].array.shape[2] == 3
+
+
+def test_no_snr_where_it_means_nothing(recon_result: tuple[PipelineResult, dict]) -> None:
+    """Below 0 HU (fat, air) mean/SD is a negative "SNR": reported nowhere a reader looks (SR, text), only in
+    the details; muscle keeps its SNR."""
+    res, _ = recon_result
+    snr = [m for m in res.measurements if m.code.value == "111787"]
+    assert snr and all(m.value > 0 for m in snr) and all("Paraspinal muscle" in m.label for m in snr)
+    text = res.narrative["en"].findings
+    assert re.search(r"Paraspinal muscle: mean -?\d+ HU, SD [\d.]+ HU, SNR [\d.]+", text), text
+    for tissue in ("Subcutaneous fat", r"Air \(outside body\)"):
+        assert re.search(tissue + r": mean -?\d+ HU, SD [\d.]+ HU\.", text), (tissue, text)
+    row = res.details["comparisons"][0]["rows"][0]
+    assert row["tissues"]["fat"]["snr"] < 0  # still computed, for whoever needs it
 
 
 def test_localizer_skipped_with_reason(recon_result: tuple[PipelineResult, dict]) -> None:

@@ -50,6 +50,9 @@ VERDICT_CODES = {
     "fail": Code("IQFAIL", PRIVATE_SCHEME, "fail"),
 }
 RANK = {"pass": 0, "warn": 1, "fail": 2}
+#: tissues below 0 HU: mean/SD is a negative "SNR" (the HU scale's zero is water), so none is reported for
+#: them (their SD is); the calculation stays in ``details`` for anyone who wants it
+NO_SNR = ("fat", "air")
 PROCEDURE = Code("25045-6", "LN", "CT unspecified body region")
 
 
@@ -75,7 +78,7 @@ def add_measurements(res: PipelineResult, a: SeriesAnalysis, study: StudyInput) 
         g = f"{grp} {ts.label}"
         add(Measurement(C_MEAN, round(ts.mean, 2), UCUM_HU, group=g, label=lbl, region=reg, series_uid=uid))
         add(Measurement(C_SD, round(ts.sd, 2), UCUM_HU, group=g, label=lbl, region=reg, series_uid=uid))
-        if t == "air":  # SNR and CNR of air outside the body mean nothing to a reader (issue 13)
+        if t in NO_SNR:  # mean/SD of a tissue below 0 HU is a negative "SNR" that means nothing to a reader
             continue
         add(Measurement(C_SNR, round(ts.snr, 3), UCUM_RATIO, group=g, label=lbl, region=reg, series_uid=uid))
         if ts.cnr is not None:
@@ -121,10 +124,12 @@ def narrative_lines(a: SeriesAnalysis) -> tuple[str, str]:
             zh.append(f"体外空气：均值 {ts.mean:.0f} HU，标准差 {ts.sd:.1f} HU。")
             continue
         cnr = f", CNR {ts.cnr:.2f}" if ts.cnr is not None else ""
-        en.append(f"{ts.label}: mean {ts.mean:.0f} HU, SD {ts.sd:.1f} HU, SNR {ts.snr:.2f}{cnr}.")
+        snr = f", SNR {ts.snr:.2f}" if t not in NO_SNR else ""
+        en.append(f"{ts.label}: mean {ts.mean:.0f} HU, SD {ts.sd:.1f} HU{snr}{cnr}.")
         zh_names = {"fat": "皮下脂肪", "muscle": "椎旁肌", "soft_tissue": "软组织", "air": "体外空气"}
         zh_name = zh_names[t]
-        zh.append(f"{zh_name}：均值 {ts.mean:.0f} HU，标准差 {ts.sd:.1f} HU，SNR {ts.snr:.2f}"
+        zh.append(f"{zh_name}：均值 {ts.mean:.0f} HU，标准差 {ts.sd:.1f} HU"
+                  + (f"，SNR {ts.snr:.2f}" if t not in NO_SNR else "")
                   + (f"，CNR {ts.cnr:.2f}" if ts.cnr is not None else "") + "。")
     if a.wed_mean is not None:
         en.append(f"Water-equivalent diameter {a.wed_mean / 10:.1f} cm.")
@@ -223,14 +228,14 @@ def result_overlays(analyses: list[SeriesAnalysis], comparisons: list[dict[str, 
         header = ["Series", "GNL"]
         tissues = [t for t in ("muscle", "soft_tissue", "fat", "air") if all(t in r["tissues"] for r in comp["rows"])]
         for t in tissues:
-            header += [f"{t} SD"] + ([f"{t} SNR"] if t != "air" else []) + (
+            header += [f"{t} SD"] + ([f"{t} SNR"] if t not in NO_SNR else []) + (
                 [f"{t} CNR", f"{t} gain"] if t not in ("fat", "air") else [])
         rows = []
         for r in comp["rows"]:
             cells = [r["name"], f"{r['gnl']:.1f}" if r["gnl"] is not None else "-"]
             for t in tissues:
                 ts = r["tissues"][t]
-                cells += [f"{ts['sd']:.1f}"] + ([f"{ts['snr']:.2f}"] if t != "air" else [])
+                cells += [f"{ts['sd']:.1f}"] + ([f"{ts['snr']:.2f}"] if t not in NO_SNR else [])
                 if t not in ("fat", "air"):
                     g = r["cnr_gain"].get(t)
                     cells += [f"{ts['cnr']:.2f}", f"{100 * g:+.0f} %" if g is not None else "-"]
