@@ -154,7 +154,7 @@ class JobManager:
             device_uid=self.device_uid, critical=dict(r.critical) if r else {},
             thresholds=dict(r.thresholds) if r else {}, policy=policy.to_dict() if policy else None,
             predecessors=self._predecessors(job["study_uid"], job["pipeline"], job["job_id"]),
-            lease_s=float(self.cfg.workers.lease_seconds))
+            lease_s=float(self.cfg.workers.lease_seconds), min_free_mb=int(self.cfg.node.min_free_disk_mb))
         return spec, queue
 
     def publish_pending(self) -> int:

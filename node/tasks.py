@@ -9,10 +9,12 @@ The task is idempotent per job: a re-delivered message finds the saved summary a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -54,6 +56,25 @@ class JobSpec:
     #: The effective policy the listener resolved (``CriticalPolicy.to_dict``); None when the listener could
     #: not read the model's manifest: the worker resolves ``critical``/``thresholds`` itself, same rules.
     policy: dict[str, Any] | None = None
+    min_free_mb: int = 0  # node.min_free_disk_mb: result objects are not written into the last of the disk
+
+
+#: how often, and how far apart, a job waits for free space before it fails (30 min in all)
+STORAGE_RETRIES, STORAGE_RETRY_S = 30, 60
+
+
+class StorageLow(Exception):
+    """Too little free space to write the result objects now: the job waits and tries again (it is not
+    "encoding failed", which would lose the result for good), while the lifecycle frees space."""
+
+
+def _check_space(spec: JobSpec) -> None:
+    where = Path(spec.outbox_dir).parent
+    where.mkdir(parents=True, exist_ok=True)
+    free_mb = shutil.disk_usage(where).free // 2**20
+    if spec.min_free_mb and free_mb < spec.min_free_mb:
+        raise StorageLow(f"free space {free_mb} MB on {where} is below node.min_free_disk_mb "
+                         f"({spec.min_free_mb} MB): the result objects wait for space")
 
 
 def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 3,
@@ -84,6 +105,18 @@ def make_app(broker_url: str, *, task_time_limit: int = 900, max_retries: int = 
         lease = _lease(self.app, job)
         try:
             return execute_job(job, attempt, lease)
+        except StorageLow as exc:
+            if self.request.retries < STORAGE_RETRIES:
+                log.warning("job %s: %s; trying again in %d s (attempt %d)", job.job_id, exc, STORAGE_RETRY_S,
+                            attempt)
+                if lease is not None:
+                    lease.hand_over(STORAGE_RETRY_S)
+                raise self.retry(exc=exc, countdown=STORAGE_RETRY_S, max_retries=STORAGE_RETRIES) from exc
+            _write_json(Path(job.result_dir) / "failed.json",
+                        {"error": f"StorageLow: {exc}", "attempts": attempt, "at": time.time()})
+            if lease is not None:
+                lease.release()
+            raise
         except LeaseLost:
             log.warning("job %s: attempt %d lost its lease to another attempt; it completes nothing", job.job_id,
                         attempt)
@@ -178,6 +211,8 @@ def _execute(spec: JobSpec, out: Path, summary_path: Path, lease: Lease | None =
     from pipelines.base import ModelUnavailable, PipelineResult, Refused
 
     t0 = time.time()
+    if spec.encode:
+        _check_space(spec)  # before inference: no point computing what cannot be written
     pipeline = get_pipeline(spec.pipeline, spec.options)
     try:
         from node.loader import load_study
@@ -251,10 +286,16 @@ def _encode(result: Any, spec: JobSpec) -> tuple[list[str], str]:
     preds = [SOPRef(**p) for p in spec.predecessors]
     opts = EncodeOptions(language=spec.language, sr_class=spec.sr_class, predecessors=preds,
                          device_uid=spec.device_uid or None)
+    _check_space(spec)
     try:
         with ValidatedWriter(Path(spec.outbox_dir)) as writer:  # each object validated while the next is made
             encode(result, [Path(p) for p in spec.paths], opts, on_object=writer.add)
             paths = writer.commit()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the writer left nothing behind; try again later
+            raise StorageLow(f"disk full while writing the result objects: {exc}") from exc
+        log.error("job %s: encoding failed: %s", spec.job_id, traceback.format_exc())
+        return [], f"encoding failed: {exc}"
     except ValidationFailed as exc:
         log.error("job %s: result objects failed validation: %s", spec.job_id, exc)
         return [], f"result objects failed validation: {exc}"
