@@ -847,7 +847,7 @@ def test_group_counts_known_before_building(scenarios: dict[str, Scenario], cr: 
     assert planar_group_count(cases["zh"][0]) == 1  # the case the rule is for: it is exercised above
 
 
-@pytest.mark.parametrize("name", ["cxr", "ct", "zh", "head"])
+@pytest.mark.parametrize("name", ["cxr", "ct", "zh", "head", "empty_ct"])
 def test_tid1500_evidence_is_what_highdicom_collects(scenarios: dict[str, Scenario], cr: Dataset,
                                                      ct_files: list[Path], head: Dataset, name: str) -> None:
     """The document is made around an empty root and given its tree after: its evidence must be what
@@ -856,7 +856,8 @@ def test_tid1500_evidence_is_what_highdicom_collects(scenarios: dict[str, Scenar
     from highdicom.sr.utils import collect_evidence
 
     sr = scenarios[name].tid1500
-    headers = {"cxr": [cr], "zh": [cr], "ct": [pydicom.dcmread(p) for p in ct_files], "head": [head]}[name]
+    cts = [pydicom.dcmread(p) for p in ct_files]
+    headers = {"cxr": [cr], "zh": [cr], "ct": cts, "empty_ct": cts, "head": [head]}[name]
     same_study, _ = collect_evidence(headers, sr, study_instance_uid=sr.StudyInstanceUID)
     assert list(sr.CurrentRequestedProcedureEvidenceSequence) == same_study
     assert "PertinentOtherEvidenceSequence" not in sr
