@@ -217,6 +217,8 @@ class ConsoleConfig(_Strict):
     token_role: Literal["viewer", "admin"] = "viewer"
     session_hours: float = Field(8.0, gt=0, le=24 * 30)
     audit_log: Path | None = None  # default: <storage_dir>/audit.jsonl
+    audit_max_mb: float = Field(64.0, gt=0)  # then the file is renamed <name>.<UTC time> and a new one begins
+    audit_keep: int = Field(8, ge=0)  # renamed files kept, newest first
     #: failed sign-ins (form, Basic or token) from one address before it must wait; the wait starts at
     #: ``lockout_seconds`` and doubles with each further failure, up to 15 minutes
     max_failed_logins: int = Field(5, ge=1, le=100)

@@ -57,3 +57,23 @@ def test_login_throttle_waits_double_and_clear() -> None:
     assert th.wait_s("10.0.0.9") == 0 and th.failed("10.0.0.9") == 0
     now[0] += 901  # failures older than the window are forgotten
     assert th.failed("10.0.0.9") == 0 and th.failed("10.0.0.9") == 0 and th.failed("10.0.0.9") == 30
+
+
+def test_audit_log_is_bounded_by_renaming_never_rewriting(tmp_path) -> None:
+    import json
+
+    from node.web.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=4096, keep=2)
+    first = log.write(who="ada", role="admin", ip="10.0.0.1", action="login")
+    for i in range(200):  # a flood of failed sign-ins
+        log.write(who=f"x{i}", role="-", ip="10.6.6.6", action="login", outcome="failed")
+    rotated = log.rotated()
+    assert len(rotated) == 2, rotated  # the newest two renamed files stay, older ones go
+    assert log.path.stat().st_size <= 4096 + 300 and all(p.stat().st_size > 4096 for p in rotated)
+    for p in rotated + [log.path]:  # every file is whole JSON lines
+        assert all(json.loads(line)["action"] == "login" for line in p.read_text().splitlines())
+    assert first["who"] not in "".join(p.read_text() for p in rotated + [log.path])  # the oldest went
+    newest = log.tail(5)
+    assert [e["who"] for e in newest] == [f"x{i}" for i in range(199, 194, -1)]
+    assert len(log.tail(10_000)) == len(log.path.read_text().splitlines())

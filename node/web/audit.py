@@ -29,10 +29,32 @@ def mask_secrets(value: Any) -> Any:
 
 
 class AuditLog:
-    def __init__(self, path: str | Path):
+    """``max_bytes`` bounds the file: past it, the file is renamed ``<name>.<UTC time>`` (never rewritten)
+    and a new one begins; the newest ``keep`` renamed files stay, so a flood of failed sign-ins cannot
+    fill the disk the studies need, while weeks of ordinary use stay on the node for whoever looks."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 64 * 2**20, keep: int = 8):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.keep = max_bytes, keep
         self._lock = threading.Lock()
+
+    def rotated(self) -> list[Path]:
+        """The renamed files, oldest first."""
+        return sorted(self.path.parent.glob(self.path.name + ".*"))
+
+    def _rotate(self, size: int) -> None:
+        if size <= self.max_bytes:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.{stamp}")
+        n = 1
+        while target.exists():  # two rotations within a second
+            target = self.path.with_name(f"{self.path.name}.{stamp}-{n}")
+            n += 1
+        os.rename(self.path, target)
+        for old in self.rotated()[:-self.keep] if self.keep > 0 else self.rotated():
+            old.unlink(missing_ok=True)
 
     def write(self, *, who: str, role: str, ip: str, action: str, target: str = "", outcome: str = "ok",
               before: Any = None, after: Any = None, detail: str = "") -> dict[str, Any]:
@@ -50,15 +72,25 @@ class AuditLog:
             try:
                 os.write(fd, line)
                 os.fsync(fd)
+                size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
+            self._rotate(size)
         return entry
 
     def tail(self, n: int = 200) -> list[dict[str, Any]]:
         """The newest ``n`` entries, newest first."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
+        with open(self.path, "rb") as f:  # from the end: the file may be tens of MB
+            f.seek(0, os.SEEK_END)
+            end = pos = f.tell()
+            data = b""
+            while pos > 0 and data.count(b"\n") <= n:
+                pos = max(0, pos - 65536)
+                f.seek(pos)
+                data = f.read(end - pos)
+        lines = data.decode("utf-8", errors="replace").splitlines()[-n:]
         out = []
         for line in reversed(lines):
             try:

@@ -67,13 +67,20 @@ class Console:
         self.host = host
         self.config_path = Path(config_path) if config_path else None
         storage = Path(listener.cfg.node.storage_dir)
-        self.audit = AuditLog(listener.cfg.console.audit_log or storage / "audit.jsonl")
+        self._audit = AuditLog(listener.cfg.console.audit_log or storage / "audit.jsonl")
         self.metrics = NodeMetrics(listener)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["t"] = _fmt_time
         self.templates.env.filters["dur"] = _fmt_dur
         self.secret = session_secret(storage)
         self._throttle = LoginThrottle()
+
+    @property
+    def audit(self) -> AuditLog:
+        """One file for the console's life, bounded by the limits of the configuration now in force."""
+        cc = self.listener.cfg.console
+        self._audit.max_bytes, self._audit.keep = int(cc.audit_max_mb * 2**20), cc.audit_keep
+        return self._audit
 
     @property
     def throttle(self) -> LoginThrottle:
