@@ -8,6 +8,13 @@
    acceptor such as DCMTK or ainode answers in well under a millisecond).  A rejection is the one answer
    that tells an operator "fix the AE title", so the RJ PDU is captured where it is received and the
    association's state is repaired from it.
+3. A response can be taken by the association's own reactor thread. Each ``send_*`` pauses the reactor
+   by clearing an event and waiting for ``_is_paused``, but that flag is still True for a moment after the
+   reactor passes the event, so a loaded machine lets the sender go on while the reactor runs once more;
+   when the peer answers in that moment the reactor takes the C-STORE response, logs "Received unexpected
+   C-STORE service message" and drops it, the sender waits for an answer that never comes, and the peer
+   (DCMTK storescp, here) closes the idle association. The object was stored, but is counted as failed and
+   sent again. A response the reactor takes is now put back where the sender is waiting for it.
 """
 
 from __future__ import annotations
@@ -60,9 +67,30 @@ def associate(ae: AE, host: str, port: int, *, ae_title: str, contexts: list[Pre
     """``ae.associate`` with TCP_NODELAY and a rejection that is always reported as one."""
     assoc = ae.associate(host, port, contexts=contexts, ae_title=ae_title, tls_args=tls_args,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_PDU_RECV, _on_pdu), *handlers])
+    keep_responses(assoc)
     rejection = getattr(assoc, "ainode_rejection", None)
     if rejection is not None and not assoc.is_established and not assoc.is_rejected:
         assoc.acceptor.primitive = rejection
         assoc.is_aborted = False
         assoc.is_rejected = True
     return assoc
+
+
+def keep_responses(assoc: Association) -> None:
+    """Point 3 of the module docstring: a response the reactor takes goes back to the sender's queue.
+
+    Only responses are returned (a response is never a valid request); requests the peer sends still go
+    to pynetdicom, and so do N-EVENT-REPORTs (storage commitment), which it serves on a thread of their own."""
+    serve = getattr(assoc, "_serve_request", None)
+    queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if serve is None or queue is None:  # another pynetdicom: leave it as it is
+        return
+
+    def serve_or_return(msg: Any, context_id: int) -> None:
+        if not getattr(msg, "is_valid_request", True):
+            log.debug("a %s response taken by the association's reactor went back to the sender", msg.msg_type)
+            queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_return  # type: ignore[method-assign]
