@@ -57,8 +57,9 @@ def _open(viewer, scenario: V.Scenario, series_uid: str, shot: str) -> tuple[Bro
 
 
 def _finish(browser: Browser, path: Path) -> np.ndarray:
-    browser.js(SKIP_TOUR)
-    browser.pump(1.5)
+    for _ in range(2):  # OHIF's first-visit tour may open after the page settles: dismiss it again
+        browser.js(SKIP_TOUR)
+        browser.pump(0.75)
     browser.screenshot(path)
     print(f"screenshot: {path}")
     errors = [e for e in browser.errors if not any(i in e for i in IGNORED_ERRORS)]
