@@ -51,3 +51,12 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield make
     for n in started:
         n.stop()
+
+
+@pytest.fixture(scope="module")
+def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node with the default test configuration, shared by the tests of a module (started once)."""
+    tmp = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    n = NodeProcess(tmp, base_config(tmp / "var", free_port())).start()
+    yield n
+    n.stop()

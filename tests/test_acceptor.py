@@ -31,21 +31,13 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 from support.dicomgen import ct_series
-from support.node import STORESCU, NodeProcess, base_config, free_port, storescu, wait_for
+from support.node import STORESCU, NodeProcess, storescu, wait_for
 from support.node import spool_files as support_spool_files
 
 from node import scu
 from node.acceptor import IMPLEMENTATION_UID
 
 ABORT = 0x07
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("acceptor")
-    n = NodeProcess(tmp, base_config(tmp / "var", free_port())).start()
-    yield n
-    n.stop()
 
 
 class RawPeer:

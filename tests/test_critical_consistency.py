@@ -20,7 +20,6 @@ the expected set. Before the policy was decided once, the narrative and SC follo
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,17 +91,13 @@ def _policies(roles: dict[str, Label], p: dict[str, float]) -> dict[str, dict]:
 
 def cxr_setup(tmp_path: Path) -> tuple[dict, dict[str, Label], dict[str, float], callable]:
     from pydicom.data import get_testdata_file
-    from support.cxr_models import imported_model
+    from support.cxr_models import imported_model, xrv_model
 
     from pipelines.cxr import CXRPipeline
 
-    model = tmp_path / "weights" / "xrv"
-    src = imported_model("torchxrayvision")
-    model.mkdir(parents=True)
-    shutil.copy(src / "model.onnx", model / "model.onnx")
-    m = yaml.safe_load((src / "manifest.yaml").read_text())
-    m["thresholds"], m["critical"] = _bands(m["labels"], CXR_LABELS)
-    (model / "manifest.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
+    labels = yaml.safe_load((imported_model("torchxrayvision") / "manifest.yaml").read_text())["labels"]
+    thresholds, critical = _bands(labels, CXR_LABELS)
+    model = xrv_model(tmp_path / "weights" / "xrv", thresholds=thresholds, critical=critical)
     options = {"model": str(model), "allow_unverified_models": True}
     r = CXRPipeline({}).run(load_study([get_testdata_file("RG1_UNCR.dcm")], options=options))
     p = {f.note.split("'")[1]: f.probability for f in r.findings}

@@ -23,7 +23,7 @@ import torch  # noqa: F401  (a test extra: missing, the session must fail, not s
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
-from support.cxr_models import imported_model  # noqa: E402
+from support.cxr_models import xrv_model  # noqa: E402
 
 from node.loader import load_study  # noqa: E402
 from pipelines.base import PipelineResult, Refused  # noqa: E402
@@ -42,16 +42,8 @@ def model_dir(tmp_path_factory) -> Path:
     Pneumothorax: present at any probability (threshold 0) and critical; Effusion: possible at any
     probability below 1; everything else absent below probability 1 (the random model never saturates).
     """
-    src = imported_model("torchxrayvision")
-    d = tmp_path_factory.mktemp("xrv")
-    shutil.copy(src / "model.onnx", d / "model.onnx")
-    m = yaml.safe_load((src / "manifest.yaml").read_text())
-    m["thresholds"] = {label: {"possible": 1.0, "present": 1.0} for label in m["labels"]}
-    m["thresholds"][PRESENT] = {"possible": 0.0, "present": 0.0}
-    m["thresholds"][POSSIBLE] = {"possible": 0.0, "present": 1.0}
-    m["critical"] = {PRESENT: 0.0}
-    (d / "manifest.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
-    return d
+    return xrv_model(tmp_path_factory.mktemp("xrv"), present=(PRESENT,), possible=(POSSIBLE,),
+                     critical={PRESENT: 0.0})
 
 
 def _opts(model_dir: Path, **kw) -> dict:

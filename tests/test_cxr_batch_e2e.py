@@ -9,15 +9,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 from pydicom.uid import generate_uid
 from support.cxr_data import dev_images, read_png, save, wrap
-from support.cxr_models import imported_model
+from support.cxr_models import xrv_model
 from support.dicomgen import copy_with_new_uids, sample_file
 from support.node import base_config, storescu, wait_for
 from support.orthanc import Orthanc, free_port
@@ -25,15 +23,7 @@ from support.results import COMPREHENSIVE_SR, ENHANCED_SR, KOS, pacs_objects, wa
 
 
 def _model(tmp_path: Path) -> Path:
-    model = tmp_path / "weights" / "xrv"
-    src = imported_model("torchxrayvision")
-    model.mkdir(parents=True)
-    shutil.copy(src / "model.onnx", model / "model.onnx")
-    m = yaml.safe_load((src / "manifest.yaml").read_text())
-    m["thresholds"] = {label: {"possible": 1.0, "present": 1.0} for label in m["labels"]}
-    m["thresholds"]["Effusion"] = {"possible": 0.0, "present": 0.0}  # deterministic: present, so a KOS is made
-    (model / "manifest.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
-    return model
+    return xrv_model(tmp_path / "weights" / "xrv", present=("Effusion",))  # present, so a KOS is made
 
 
 def _done(node, study_uid: str) -> dict:

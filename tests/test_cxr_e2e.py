@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import yaml
-from support.cxr_models import imported_model
+from support.cxr_models import xrv_model
 from support.dicomgen import copy_with_new_uids, sample_file
 from support.node import base_config, storescu, wait_for
 from support.orthanc import Orthanc, free_port
@@ -18,14 +16,7 @@ from node.results import validate
 
 
 def test_cr_through_the_node_with_a_random_weight_model(node_factory, tmp_path: Path) -> None:
-    model = tmp_path / "weights" / "xrv"
-    src = imported_model("torchxrayvision")
-    model.mkdir(parents=True)
-    shutil.copy(src / "model.onnx", model / "model.onnx")
-    m = yaml.safe_load((src / "manifest.yaml").read_text())
-    m["thresholds"] = {label: {"possible": 1.0, "present": 1.0} for label in m["labels"]}
-    m["thresholds"]["Effusion"] = {"possible": 0.0, "present": 0.0}  # deterministic: always present
-    (model / "manifest.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
+    model = xrv_model(tmp_path / "weights" / "xrv", present=("Effusion",))  # deterministic: always present
 
     node_port = free_port()
     with Orthanc(tmp_path / "pacs", aet="PACS", peers={"ainode": ("AINODE", "127.0.0.1", node_port)}) as pacs:

@@ -7,15 +7,12 @@ pixels inverted. ``benchmarks/cxr_gating.py`` prints the same as a confusion tab
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pydicom
 import pytest
-import yaml
 from pydicom.data import get_testdata_file
 from support.cxr_data import dev_images, negatives, read_png, save, wrap
-from support.cxr_models import imported_model
+from support.cxr_models import xrv_model
 
 from node.loader import load_study
 from pipelines.base import Refused
@@ -97,11 +94,7 @@ def test_layout_score_is_polarity_and_content_sensitive(dev):
 
 def test_unusual_chest_is_read_with_a_note_in_the_report(tmp_path):
     """The lowest-scoring dev radiograph (a portable AP with lines and a black band) is read, and says so."""
-    src = imported_model("torchxrayvision")
-    model = tmp_path / "m"
-    model.mkdir()
-    shutil.copy(src / "model.onnx", model / "model.onnx")
-    (model / "manifest.yaml").write_text(yaml.safe_dump(yaml.safe_load((src / "manifest.yaml").read_text())))
+    model = xrv_model(tmp_path / "m", own_thresholds=True)
     png = next(p for p in dev_images() if p.name == "00013211_000.png")
     path = save(wrap(read_png(png), "DX"), tmp_path / "ap.dcm")
     r = CXRPipeline({}).run(load_study([path], options={"model": str(model), "allow_unverified_models": True}))

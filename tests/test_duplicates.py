@@ -7,20 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from support.dicomgen import ct_series
-from support.node import NodeProcess, base_config, free_port, wait_for
+from support.node import NodeProcess, wait_for
 from support.node import spool_files as support_spool_files
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("duplicates")
-    n = NodeProcess(tmp, base_config(tmp / "var", free_port())).start()
-    yield n
-    n.stop()
 
 
 def send(node: NodeProcess, datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:

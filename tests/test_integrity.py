@@ -27,7 +27,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 from support.dicomgen import ct_series
-from support.node import NodeProcess, base_config, free_port, wait_for
+from support.node import NodeProcess, wait_for
 from support.node import spool_files as support_spool_files
 
 from node.integrity import StructureCheck
@@ -137,14 +137,6 @@ def test_deflated_data_sets_are_walked_inflated() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ at the node
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("integrity")
-    n = NodeProcess(tmp, base_config(tmp / "var", free_port())).start()
-    yield n
-    n.stop()
-
-
 def _file(path: Path, sop_class: str, sop_uid: str, ts: str, body: bytes) -> Path:
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = sop_class, sop_uid, ts

@@ -26,14 +26,6 @@ from support.node import spool_files as support_spool_files
 from node import scu
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("scp")
-    n = NodeProcess(tmp, base_config(tmp / "var", free_port())).start()
-    yield n
-    n.stop()
-
-
 def associate(node: NodeProcess, calling: str = "MODALITY1", called: str = "AINODE", contexts=(CTImageStorage,),
               handlers=()):
     ae = AE(ae_title=calling)

@@ -20,8 +20,12 @@ from .metrics import LabelMetrics
 
 
 def _png(fig: Any) -> str:
+    """The figure as base64 PNG; the figure is closed (pyplot keeps every open one alive)."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -30,16 +34,22 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def roc_figure(results: list[LabelMetrics], curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+def _panels(n: int) -> tuple[Any, Any]:
+    """One small panel per label in a grid (matplotlib headless); the unused panels blank."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, cols = _grid(len(results))
+    rows, cols = _grid(n)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.1 * rows), squeeze=False)
-    for ax in axes.ravel()[len(results):]:
+    for ax in axes.ravel()[n:]:
         ax.axis("off")
+    return fig, axes
+
+
+def roc_figure(results: list[LabelMetrics], curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    fig, axes = _panels(len(results))
     for ax, m in zip(axes.ravel(), results):
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="#999999")
         if m.label in curves:
@@ -65,21 +75,11 @@ def roc_figure(results: list[LabelMetrics], curves: dict[str, tuple[np.ndarray, 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="lower right", frameon=False)
     fig.tight_layout()
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 def calibration_figure(results: list[LabelMetrics]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = _grid(len(results))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.1 * rows), squeeze=False)
-    for ax in axes.ravel()[len(results):]:
-        ax.axis("off")
+    fig, axes = _panels(len(results))
     for ax, m in zip(axes.ravel(), results):
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="#999999")
         if m.calibration:
@@ -94,9 +94,7 @@ def calibration_figure(results: list[LabelMetrics]) -> str:
         ax.set_xlabel("mean predicted probability", fontsize=7.5)
         ax.set_ylabel("observed frequency", fontsize=7.5)
     fig.tight_layout()
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    return _png(fig)
 
 
 CSS = """

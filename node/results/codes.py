@@ -69,11 +69,17 @@ def concept(code: Code) -> CodedConcept:
     return CodedConcept(code.value, code.scheme, code.meaning)
 
 
-#: Short wording of NUMs beside an outline, where OHIF writes "<Code Meaning>: value unit" and nothing else
-#: (not the group or its finding site): "Paraspinal muscle 1 mean: 54.12", "SD: 25.81" instead of two lines
-#: of "Standard deviation of attenuation coefficient" running off the image. Codes are matched by value and
-#: scheme, not meaning (PS3.3 8.3); the wording is only what a reader sees.
+#: Short wording of NUMs beside an outline (an outlined finding's probability too: ``probability_of``), where
+#: OHIF writes "<Code Meaning>: value unit" and nothing else (not the group or its finding site): "Paraspinal
+#: muscle 1 mean: 54.12", "SD: 25.81" instead of two lines of "Standard deviation of attenuation coefficient"
+#: running off the image. Codes are matched by value and scheme, not meaning (PS3.3 8.3); the wording is only
+#: what a reader sees.
 SHORT_MEANINGS = {("112181", "DCM"): "mean", ("112183", "DCM"): "SD"}
+
+
+def probability_of(finding: str) -> CodedConcept:
+    """(122157, DCM) "Probability of Pneumothorax": beside an outline, "Probability: 0.62" says not of what."""
+    return CodedConcept(PROBABILITY.value, PROBABILITY.scheme_designator, f"Probability of {finding}"[:64])
 
 
 def outline_concept(code: Code, region_label: str, first: bool) -> CodedConcept:

@@ -98,21 +98,11 @@ def _coords(region: Region) -> CoordinatesForMeasurement:
     return CoordinatesForMeasurement(region.graphic_type, _graphic(region), _source_for_region(region.image))
 
 
-def _named_probability(f: Finding) -> CodedConcept:
-    """(122157, DCM) with the finding in its meaning: OHIF labels an outline with its NUMs' Code Meanings
-    only, and "Probability: 0.62" on a red outline does not say of what. Codes are matched by value and
-    scheme, never by meaning (PS3.3 8.3), so readers that parse the SR are unaffected."""
-    return CodedConcept(C.PROBABILITY.value, C.PROBABILITY.scheme_designator,
-                        f"Probability of {f.code.meaning}"[:64])
-
-
-def _probability(f: Finding, result: PipelineResult, regions: list[Region] | None = None,
-                 named: bool = False) -> list[Measurement]:
+def _probability(f: Finding, result: PipelineResult, regions: list[Region] | None = None) -> list[Measurement]:
     """Probability NUM; in a TID 1501 group the regions hang off it as INFERRED FROM SCOORD (TID 300)."""
     if f.probability is None:
         return []
-    name = _named_probability(f) if named else C.PROBABILITY
-    out = [Measurement(name, float(f.probability), C.concept(UCUM_RATIO),
+    out = [Measurement(C.probability_of(f.code.meaning), float(f.probability), C.concept(UCUM_RATIO),
                        referenced_coordinates=[_coords(r) for r in regions] if regions else None)]
     if f.threshold is not None:  # what the probability was compared with, next to it
         out.append(Measurement(C.THRESHOLD, float(f.threshold), C.concept(UCUM_RATIO)))
@@ -130,14 +120,13 @@ def _finding_groups(f: Finding, result: PipelineResult, planar_ok: bool = True) 
                                               referenced_frame_numbers=[r.frame] if r.frame else None)
                for r in refs] or None
         groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(f.label), measurements=_probability(f, result, f.regions, named=True),
+            tracking_identifier=_tracking(f.label), measurements=_probability(f, result, f.regions),
             qualitative_evaluations=_finding_evaluations(f), source_images=src, **common))
     for i, region in enumerate(planar):  # one group per outline: TID 1410 holds exactly one region
         label = f.label if len(planar) == 1 else f"{f.label} region {i + 1}"
         groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(label), referenced_region=image_region(region),
-            measurements=_probability(f, result, named=True), qualitative_evaluations=_finding_evaluations(f),
-            **common))
+            measurements=_probability(f, result), qualitative_evaluations=_finding_evaluations(f), **common))
     return groups
 
 

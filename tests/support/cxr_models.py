@@ -8,13 +8,17 @@ importer must then read the files without them, as it will on a hospital's worke
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import types
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from pipelines.cxr import densenet as dn
 
@@ -113,6 +117,29 @@ def imported_model(fmt: str) -> Path:
     import_checkpoint(fmt, ckpt, out)
     _CACHE[fmt] = out
     return out
+
+
+def xrv_model(dest: Path, present: Iterable[str] = (), possible: Iterable[str] = (),
+              critical: dict[str, Any] | None = None, thresholds: dict[str, Any] | None = None,
+              own_thresholds: bool = False) -> Path:
+    """A copy of the imported random torchxrayvision model in ``dest``, with thresholds that make the outcome
+    deterministic: ``present`` labels present at any probability, ``possible`` ones possible below 1, all
+    others absent (the random model never reaches 1); or ``thresholds`` as given, or the import's own
+    (``own_thresholds``). ``critical`` as in a manifest."""
+    src = imported_model("torchxrayvision")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "model.onnx", dest / "model.onnx")
+    m = yaml.safe_load((src / "manifest.yaml").read_text())
+    if thresholds is not None:
+        m["thresholds"] = thresholds
+    elif not own_thresholds:
+        m["thresholds"] = {label: {"possible": 1.0, "present": 1.0} for label in m["labels"]}
+        m["thresholds"].update({label: {"possible": 0.0, "present": 1.0} for label in possible})
+        m["thresholds"].update({label: {"possible": 0.0, "present": 0.0} for label in present})
+    if critical is not None:
+        m["critical"] = critical
+    (dest / "manifest.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
+    return dest
 
 
 def checkpoint_of(fmt: str) -> Path:

@@ -6,12 +6,10 @@ writer, so what a viewer is shown is exactly what a PACS would receive.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-import yaml
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
@@ -73,21 +71,13 @@ def ct_quality(tmp: Path, language: str = "en") -> Scenario:
 def cxr_model_dir(tmp: Path, negative: bool = False) -> Path:
     """The random-weight torchxrayvision import with thresholds that make two labels present, one critical
     (``negative``: thresholds no probability reaches, the most common reading)."""
-    from .cxr_models import imported_model
+    from .cxr_models import xrv_model
 
-    src = imported_model("torchxrayvision")
     d = tmp / ("xrv-negative" if negative else "xrv")
-    d.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / "model.onnx", d / "model.onnx")
-    m = yaml.safe_load((src / "manifest.yaml").read_text())
-    m["thresholds"] = {label: {"possible": 1.0, "present": 1.0} for label in m["labels"]}
-    if not negative:
-        for label in ("Pneumothorax", "Cardiomegaly"):
-            m["thresholds"][label] = {"possible": 0.0, "present": 0.0}
-        m["thresholds"]["Effusion"] = {"possible": 0.0, "present": 1.0}
-        m["critical"] = {"Pneumothorax": 0.0}
-    (d / "manifest.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
-    return d
+    if negative:
+        return xrv_model(d)
+    return xrv_model(d, present=("Pneumothorax", "Cardiomegaly"), possible=("Effusion",),
+                     critical={"Pneumothorax": 0.0})
 
 
 def cxr(tmp: Path, language: str = "en", negative: bool = False) -> Scenario:
